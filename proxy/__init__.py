@@ -1,0 +1,3 @@
+"""laneswitch: a traffic splitter for safe releases."""
+
+__version__ = "0.1.0"

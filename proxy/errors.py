@@ -1,0 +1,49 @@
+"""The one error taxonomy of the data plane, mapped to status codes in one place (STYLE rule 6).
+
+Every failure the proxy answers itself is a `Failure`; everything that maps a failure to a status,
+a reason phrase, an upstream-error kind for the metrics or a `Retry-After` reads it from here.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Failure(enum.Enum):
+    """A failure answered by the proxy itself: (status, upstream error kind or None, text)."""
+
+    BAD_REQUEST = (400, None, "malformed request")
+    HEADER_TIMEOUT = (408, None, "request head not received in time")
+    METHOD_NOT_ALLOWED = (405, None, "method not supported by a reverse proxy")
+    BODY_TOO_LARGE = (413, None, "request body over the limit")
+    URI_TOO_LONG = (414, None, "request line over the limit")
+    HEADERS_TOO_LARGE = (431, None, "request head over the limit")
+    NO_SERVICE = (404, None, "no service matches this host and path")
+    UPSTREAM_CONNECT = (502, "connect", "upstream refused the connection")
+    UPSTREAM_CONNECT_TIMEOUT = (504, "connect", "upstream connect timed out")
+    UPSTREAM_RESET = (502, "reset", "upstream closed the connection")
+    UPSTREAM_PROTOCOL = (502, "protocol", "upstream sent an invalid response")
+    UPSTREAM_TIMEOUT = (504, "timeout", "upstream did not answer in time")
+    NO_HEALTHY_ENDPOINT = (503, None, "no healthy endpoint for this version")
+    OVERLOADED = (503, None, "too many connections")
+    SHUTTING_DOWN = (503, None, "shutting down")
+
+    def __init__(self, status: int, upstream_kind: str | None, description: str) -> None:
+        self.status = status
+        self.description = description
+        # The label of laneswitch_upstream_errors_total; None when the upstream is not to blame.
+        self.upstream_kind = upstream_kind
+
+    @property
+    def retry_after(self) -> bool:
+        """503s tell the client when to come back, as SPEC §7 asks."""
+        return self.status == 503
+
+
+class ProxyError(Exception):
+    """Raised inside the data plane to end an exchange with a local answer."""
+
+    def __init__(self, failure: Failure, detail: str = "") -> None:
+        super().__init__(detail or failure.name)
+        self.failure = failure
+        self.detail = detail

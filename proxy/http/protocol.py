@@ -1,0 +1,998 @@
+"""The data plane: one `asyncio.Protocol` per client connection, httptools callbacks, no tasks.
+
+A client connection parses requests with httptools; each complete request head becomes an
+`Exchange`. One exchange at a time is *active* (its response is being written); pipelined ones
+queue behind it. The active exchange reads the current `RouteTable` once, picks a version and an
+endpoint, takes a pooled upstream connection (or opens one: the only await on the request path),
+streams the request body up and the response back, with backpressure both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from proxy.errors import Failure
+from proxy.http import wire
+from proxy.http.flow import (
+    BODY_BUFFER_FULL,
+    PEER_WRITE_BLOCKED,
+    PIPELINE_FULL,
+    TUNNEL_PENDING,
+    ReadGate,
+    set_write_limits,
+)
+from proxy.metrics import StatsRegistry, VersionStats
+from proxy.routing.splitter import choose_version
+from proxy.routing.table import Endpoint, RouteTable, ServiceRoute, VersionRoute
+from proxy.upstream.pool import UpstreamPool, UpstreamPools
+
+if TYPE_CHECKING:
+    from proxy.upstream.connection import UpstreamConnection
+
+log = logging.getLogger(__name__)
+
+# Parsed requests allowed to wait behind the active one before the client's reads pause; bounds
+# the memory a pipelining client can make us hold.
+MAX_PIPELINE = 16
+
+# Request body bytes held while an exchange waits for its upstream connection (or its turn in the
+# pipeline) before the client's reads pause.
+MAX_BUFFERED_BODY = 64 * 1024
+
+# Bytes a client may send after an Upgrade request before the upstream has answered it.
+MAX_UPGRADE_EARLY_BYTES = 64 * 1024
+
+# Slack for the method, spaces and "HTTP/1.1" around the target when sizing the request line.
+REQUEST_LINE_OVERHEAD = 16
+
+_HEADER = 1
+_IDLE = 2
+
+_HOST = b"host"
+_CONTENT_LENGTH = b"content-length"
+_TRANSFER_ENCODING = b"transfer-encoding"
+_CONNECTION = b"connection"
+_COOKIE = b"cookie"
+_UPGRADE = b"upgrade"
+_XFF = b"x-forwarded-for"
+_REQUEST_ID = b"x-request-id"
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop httptools in the middle of a feed.
+
+    httptools reports it as an HttpParserCallbackError whose __context__ is this exception.
+    """
+
+
+class RequestIds:
+    """X-Request-Id values: a random per-process prefix and a counter, unique and cheap."""
+
+    __slots__ = ("count", "prefix")
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(8).hex().encode()
+        self.count = 0
+
+    def next(self) -> bytes:
+        self.count += 1
+        return b"%s-%x" % (self.prefix, self.count)
+
+
+class DataPlane:
+    """What every client connection of this process shares."""
+
+    __slots__ = ("connections", "draining", "loop", "pools", "request_ids", "stats", "table")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        table: RouteTable,
+        stats: StatsRegistry | None = None,
+    ) -> None:
+        self.loop = loop
+        self.table = table
+        self.stats = stats if stats is not None else StatsRegistry()
+        self.pools = UpstreamPools(loop, table.settings.idle_timeout)
+        self.connections: set[DownstreamProtocol] = set()
+        self.request_ids = RequestIds()
+        self.draining = False
+
+    def install(self, table: RouteTable) -> None:
+        """Swap in a new routing snapshot; requests already placed keep their version."""
+        self.table = table
+        self.pools.set_idle_timeout(table.settings.idle_timeout)
+
+    def protocol(self) -> DownstreamProtocol:
+        return DownstreamProtocol(self)
+
+    def begin_drain(self) -> None:
+        """Stop taking requests: idle clients are closed now, busy ones after their answer."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.close_if_idle()
+
+    def in_flight(self) -> int:
+        return sum(conn.busy() for conn in self.connections)
+
+    def cut_all(self) -> int:
+        """Abort every connection still busy (the drain timed out); count each cut request."""
+        cut = 0
+        for conn in list(self.connections):
+            cut += conn.cut()
+        return cut
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = (
+        "body_buffer",
+        "body_buffered",
+        "body_received",
+        "chunked_in",
+        "chunked_out",
+        "close_after",
+        "connect_task",
+        "content_length",
+        "done",
+        "endpoint",
+        "failure",
+        "headers",
+        "host",
+        "http_10",
+        "keep_alive",
+        "method",
+        "out",
+        "proto",
+        "request_complete",
+        "request_head",
+        "request_sent",
+        "response_started",
+        "response_timer",
+        "retried",
+        "route",
+        "started_at",
+        "stats",
+        "status",
+        "upgrade",
+        "upstream",
+        "url",
+        "version",
+    )
+
+    def __init__(self, proto: DownstreamProtocol) -> None:
+        self.proto = proto
+        # Request, as parsed.
+        self.method = b""
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes, bytes]] = []  # (lower-cased name, name, value)
+        self.host: bytes | None = None
+        self.http_10 = False
+        self.keep_alive = True
+        self.upgrade = False
+        self.chunked_in = False
+        self.content_length = -1
+        self.body_received = 0
+        self.request_complete = False
+        self.failure: Failure | None = None  # set: answer this locally when the turn comes
+        # Request body waiting for the upstream connection.
+        self.body_buffer: list[bytes] = []
+        self.body_buffered = 0
+        # Placement.
+        self.route: ServiceRoute | None = None
+        self.version: VersionRoute | None = None
+        self.stats: VersionStats | None = None
+        self.endpoint: Endpoint | None = None
+        self.started_at = 0.0
+        self.request_head = b""
+        self.upstream: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.retried = False
+        self.request_sent = False  # head and the whole body written to the upstream
+        self.response_timer: asyncio.TimerHandle | None = None
+        # Response.
+        self.response_started = False
+        self.status = 0
+        self.chunked_out = False
+        self.close_after = False
+        self.out: list[bytes] = []  # response bytes gathered during one upstream read
+        self.done = False
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.method.decode()} {self.url[:60]!r} status={self.status}>"
+
+    # -- request body, from the client -----------------------------------------------------------
+
+    def body_unread(self) -> bool:
+        """Part of the request body has not been read from the client yet."""
+        return not self.request_complete and (self.content_length > 0 or self.chunked_in)
+
+    def body(self, data: bytes) -> None:
+        if self.done:
+            return  # answered already; the rest of the body is dropped
+        self.body_received += len(data)
+        limit = self.proto.settings.max_body_bytes
+        if limit and self.body_received > limit:
+            self.proto.fail_request(self, Failure.BODY_TOO_LARGE)
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(wire.chunk(data) if self.chunked_in else data)
+            return
+        self.body_buffer.append(data)
+        self.body_buffered += len(data)
+        if self.body_buffered > MAX_BUFFERED_BODY:
+            self.proto.gate_pause(BODY_BUFFER_FULL)
+
+    def body_complete(self) -> None:
+        self.request_complete = True
+        upstream = self.upstream
+        if upstream is not None and not self.done:
+            if self.chunked_in:
+                upstream.write(wire.LAST_CHUNK)
+            self._request_sent()
+
+    # -- placement --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The exchange's turn: route it and send it upstream, or answer it locally."""
+        proto = self.proto
+        if self.failure is not None:
+            proto.answer(self, self.failure)
+            return
+        plane = proto.plane
+        if plane.draining:
+            self.close_after = True
+        table = plane.table
+        host = wire.split_host_port(self.host) if self.host is not None else b""
+        url = self.url
+        query = url.find(b"?")
+        path = url if query == -1 else url[:query]
+        route = table.match(host, path)
+        if route is None:
+            proto.answer(self, Failure.NO_SERVICE)
+            return
+        self.route = route
+        settings = table.settings
+        self.request_head = self._build_upstream_head(route, proto.peer, settings.trusted_hops)
+        version = self.version
+        assert version is not None
+        stats = plane.stats.get(route.name, version.name)
+        self.stats = stats
+        stats.in_flight += 1
+        self.started_at = time.monotonic()
+        endpoint = version.next_endpoint()
+        if endpoint is None:
+            proto.answer(self, Failure.NO_HEALTHY_ENDPOINT)
+            return
+        self._dispatch(endpoint)
+
+    def _build_upstream_head(self, route: ServiceRoute, peer: bytes, trusted_hops: int) -> bytes:
+        """Pick the version and write the request head the upstream gets (SPEC §3, §7)."""
+        force_header = route.force_header
+        force_cookie = route.force_cookie
+        sticky_header = route.sticky_header
+        sticky_cookie = route.sticky_cookie
+        force_value: bytes | None = None
+        sticky_value: bytes | None = None
+        cookies: list[bytes] = []
+        xff: list[bytes] = []
+        connection: list[bytes] = []
+        request_id: bytes | None = None
+        lines = [self.method, b" ", self.url, b" HTTP/1.1\r\n"]
+        kept: list[tuple[bytes, bytes]] = []
+        for lname, name, value in self.headers:
+            if lname in wire.HOP_BY_HOP:
+                if lname == _CONNECTION:
+                    connection.append(value)
+                continue
+            if lname == _COOKIE:
+                cookies.append(value)
+                continue
+            if lname in wire.REBUILT_REQUEST_HEADERS:
+                if lname == _XFF:
+                    xff.append(value)
+                elif lname == _REQUEST_ID and value:
+                    request_id = value
+                continue
+            if lname == force_header:
+                force_value = value
+                continue
+            if lname == sticky_header:
+                sticky_value = value
+            kept.append((lname, name + b": " + value + b"\r\n"))
+        if connection:
+            # Headers the client declared hop-by-hop by naming them in Connection.
+            tokens = wire.connection_tokens(connection)
+            kept = [item for item in kept if item[0] not in tokens]
+        lines.extend(line for _, line in kept)
+        force_cookie_value: bytes | None = None
+        if cookies:
+            if force_cookie is not None:
+                force_cookie_value = wire.cookie_value(cookies, force_cookie)
+                cookies = [wire.remove_cookie(c, force_cookie) for c in cookies]
+            if sticky_cookie is not None and sticky_value is None:
+                sticky_value = wire.cookie_value(cookies, sticky_cookie)
+            lines.extend(b"Cookie: " + c + b"\r\n" for c in cookies if c)
+        self.version = choose_version(route, force_value, force_cookie_value, sticky_value)
+        lines.append(b"X-Forwarded-For: " + wire.forwarded_for(xff, peer, trusted_hops) + b"\r\n")
+        lines.append(b"X-Forwarded-Proto: http\r\n")
+        if self.host is not None:
+            lines.append(b"X-Forwarded-Host: " + self.host + b"\r\n")
+        if request_id is None:
+            request_id = self.proto.plane.request_ids.next()
+        lines.append(b"X-Request-Id: " + request_id + b"\r\n")
+        if self.chunked_in:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        if self.upgrade:
+            for lname, _, value in self.headers:
+                if lname == _UPGRADE:
+                    lines.append(b"Connection: upgrade\r\nUpgrade: " + value + b"\r\n")
+                    break
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def _dispatch(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        pool = self.proto.plane.pools.get(endpoint)
+        conn = pool.take_idle()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self.connect_task = self.proto.plane.loop.create_task(self._connect(pool))
+
+    async def _connect(self, pool: UpstreamPool) -> None:
+        settings = self.proto.plane.table.settings
+        try:
+            conn = await pool.connect(settings.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            self.connect_task = None
+            if self.done:
+                return
+            failure = (
+                Failure.UPSTREAM_CONNECT_TIMEOUT
+                if isinstance(exc, TimeoutError)
+                else Failure.UPSTREAM_CONNECT
+            )
+            self._count_upstream_error(failure)
+            # Nothing was sent, so one more endpoint of the same version is safe for any method.
+            version = self.version
+            if not self.retried and version is not None and pool.endpoint is not None:
+                self.retried = True
+                other = version.other_endpoint(pool.endpoint)
+                if other is not None:
+                    self._dispatch(other)
+                    return
+            self.proto.answer(self, failure)
+            return
+        self.connect_task = None
+        if self.done:
+            conn.release(reusable=True)  # the client left while we connected; keep it warm
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        conn.begin(self, head_only=self.method == b"HEAD")
+        if self.body_buffer:
+            body = self.body_buffer
+            if self.chunked_in:
+                body = [wire.chunk(data) for data in body]
+            conn.write(b"".join([self.request_head, *body]))
+            self.body_buffer = []
+            self.body_buffered = 0
+            self.proto.gate_resume(BODY_BUFFER_FULL)
+        else:
+            conn.write(self.request_head)
+        if self.request_complete:
+            if self.chunked_in:
+                conn.write(wire.LAST_CHUNK)
+            self._request_sent()
+        if self.proto.write_blocked:
+            conn.pause_reading(PEER_WRITE_BLOCKED)
+
+    def _request_sent(self) -> None:
+        self.request_sent = True
+        if not self.response_started and self.response_timer is None:
+            self.response_timer = self.proto.plane.loop.call_later(
+                self.proto.plane.table.settings.response_timeout, self._response_timed_out
+            )
+
+    def _response_timed_out(self) -> None:
+        self.response_timer = None
+        if self.done or self.response_started:
+            return
+        self._count_upstream_error(Failure.UPSTREAM_TIMEOUT)
+        self._drop_upstream()
+        self.proto.answer(self, Failure.UPSTREAM_TIMEOUT)
+
+    def _count_upstream_error(self, failure: Failure) -> None:
+        stats = self.stats
+        if stats is not None and failure.upstream_kind is not None:
+            stats.upstream_errors[failure.upstream_kind] += 1
+
+    # -- response, from the upstream (ResponseSink) -----------------------------------------------
+
+    def upstream_head(self, conn: UpstreamConnection) -> None:
+        status = conn.status
+        if status < 200 and status != 101:
+            if not self.http_10:  # HTTP/1.0 clients cannot take interim responses
+                self.out.append(self._response_head(conn, interim=True))
+            return
+        if status == 101 and not self.upgrade:
+            self.upstream_failed(conn, Failure.UPSTREAM_PROTOCOL)
+            conn.abort()
+            return
+        timer = self.response_timer
+        if timer is not None:
+            timer.cancel()
+            self.response_timer = None
+        self.status = status
+        self.response_started = True
+        self.out.append(self._response_head(conn, interim=False))
+
+    def _response_head(self, conn: UpstreamConnection, interim: bool) -> bytes:
+        status = conn.status
+        lines = [wire.status_line(status, conn.reason or None)]
+        content_length = False
+        chunked = False
+        connection: list[bytes] = []
+        kept: list[tuple[bytes, bytes]] = []
+        for name, value in conn.headers:
+            lname = name.lower()
+            if lname in wire.HOP_BY_HOP:
+                if lname == _TRANSFER_ENCODING:
+                    chunked = True
+                elif lname == _CONNECTION:
+                    connection.append(value)
+                continue
+            if lname == _CONTENT_LENGTH:
+                content_length = True
+            kept.append((lname, name + b": " + value + b"\r\n"))
+        if connection:
+            tokens = wire.connection_tokens(connection)
+            kept = [item for item in kept if item[0] not in tokens]
+        lines.extend(line for _, line in kept)
+        if interim:
+            lines.append(b"\r\n")
+            return b"".join(lines)
+        conn.content_length = content_length
+        conn.chunked = chunked
+        route = self.route
+        version = self.version
+        if route is not None and version is not None and route.version_header is not None:
+            lines.append(route.version_header + b": " + version.name_bytes + b"\r\n")
+        if status == 101:
+            for name, value in conn.headers:
+                if name.lower() == _UPGRADE:
+                    lines.append(b"Upgrade: " + value + b"\r\n")
+            lines.append(b"Connection: upgrade\r\n\r\n")
+            return b"".join(lines)
+        has_body = self.method != b"HEAD" and status not in _NO_BODY_STATUS
+        if has_body and not content_length:
+            if self.http_10:
+                self.close_after = True  # an HTTP/1.0 client reads to the end of the connection
+            else:
+                self.chunked_out = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+        if self.upgrade:
+            self.close_after = True  # the client may already be talking the refused protocol
+        if self.close_after or not self.keep_alive or self.proto.plane.draining:
+            self.close_after = True
+            lines.append(b"Connection: close\r\n")
+        elif self.http_10:
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def upstream_body(self, data: bytes) -> None:
+        self.out.append(wire.chunk(data) if self.chunked_out else data)
+
+    def upstream_flush(self) -> None:
+        out = self.out
+        if out:
+            self.proto.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def upstream_complete(self, conn: UpstreamConnection) -> None:
+        if self.chunked_out:
+            self.out.append(wire.LAST_CHUNK)
+        self.upstream_flush()
+        self.upstream = None
+        # Reused only after a clean exchange: whole request sent, whole response read.
+        conn.release(reusable=self.request_sent and conn.keep_alive())
+        if self.body_unread():
+            self.close_after = True  # the upstream answered early; the body's end is unknown
+        self.proto.finish(self, self.status)
+
+    def upstream_upgraded(self, conn: UpstreamConnection, tail: bytes) -> None:
+        if tail:
+            self.out.append(tail)
+        self.upstream_flush()
+        self.proto.start_tunnel(self, conn)
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        self.proto.write(data)
+
+    def upstream_failed(self, conn: UpstreamConnection, failure: Failure) -> None:
+        self.upstream = None
+        if self.done:
+            self.proto.close()  # a tunnel ended
+            return
+        self._count_upstream_error(failure)
+        if self.response_started:
+            # Never fake a clean end: the client must see that the body is incomplete.
+            self.proto.abort(self)
+            return
+        if (
+            failure is Failure.UPSTREAM_RESET
+            and conn.exchanges > 0
+            and not self.retried
+            and self.content_length <= 0
+            and not self.chunked_in
+            and self.endpoint is not None
+        ):
+            # A pooled connection the upstream closed as we reused it: nothing was processed
+            # (no response byte came back) and there is no body to replay, so retry once.
+            self.retried = True
+            self._dispatch(self.endpoint)
+            return
+        self.proto.answer(self, failure)
+
+    def upstream_write_paused(self) -> None:
+        self.proto.gate_pause(PEER_WRITE_BLOCKED)
+
+    def upstream_write_resumed(self) -> None:
+        self.proto.gate_resume(PEER_WRITE_BLOCKED)
+
+    # -- ending -----------------------------------------------------------------------------------
+
+    def _drop_upstream(self) -> None:
+        """Cut the upstream side without reuse: the exchange is abandoned."""
+        timer = self.response_timer
+        if timer is not None:
+            timer.cancel()
+            self.response_timer = None
+        task = self.connect_task
+        if task is not None:
+            task.cancel()
+            self.connect_task = None
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.abort()
+
+    def settle(self, status: int | None) -> None:
+        """Record the outcome once: the status sent, or None when no answer was completed.
+
+        Callers of settle(None) count why (client abort, drain cut) themselves.
+        """
+        self.done = True
+        timer = self.response_timer
+        if timer is not None:
+            timer.cancel()
+            self.response_timer = None
+        stats = self.stats
+        if stats is None:
+            return
+        stats.in_flight -= 1
+        if status is not None:
+            stats.observe(status, time.monotonic() - self.started_at)
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = (
+        "active",
+        "closing",
+        "early_bytes",
+        "gate",
+        "head_bytes",
+        "head_fed",
+        "parser",
+        "parsing",
+        "peer",
+        "pipeline",
+        "plane",
+        "settings",
+        "timer",
+        "timer_kind",
+        "transport",
+        "tunnel",
+        "write_blocked",
+    )
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.settings = plane.table.settings
+        self.transport: asyncio.Transport | None = None
+        self.gate: ReadGate | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = b""
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_kind = 0
+        self.active: Exchange | None = None  # the exchange whose response is being written
+        self.parsing: Exchange | None = None  # the exchange whose request is being parsed
+        self.pipeline: deque[Exchange] = deque()  # parsed, waiting for the active one
+        self.head_bytes = 0  # exact size of the head's completed lines
+        self.head_fed = 0  # bytes of chunks fed while inside one head
+        self.closing = False  # no further request will be read or started
+        self.write_blocked = False
+        self.tunnel: UpstreamConnection | None = None
+        self.early_bytes: list[bytes] | None = None  # client bytes after an Upgrade request
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self.gate = ReadGate(transport)
+        set_write_limits(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]).encode() if peer else b""
+        plane = self.plane
+        if plane.draining or len(plane.connections) >= self.settings.max_connections:
+            failure = Failure.SHUTTING_DOWN if plane.draining else Failure.OVERLOADED
+            self.closing = True
+            transport.write(wire.local_answer(failure.status, close=True))
+            transport.close()
+            return
+        plane.connections.add(self)
+        self._arm(_HEADER, self.settings.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self.early_bytes is not None:
+            self._hold_early(data)
+            return
+        if self.closing:
+            return
+        ex = self.parsing
+        in_head = ex is not None and not ex.method
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.early_bytes = []
+            self._hold_early(data[upgrade.args[0] :])
+            return
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _StopParsing):
+                log.error("request handling failed", exc_info=exc.__context__)
+                self.closing = True
+                if self.transport is not None:
+                    self.transport.abort()
+            return
+        except httptools.HttpParserError:
+            self._reject(Failure.BAD_REQUEST)
+            return
+        if in_head and self.parsing is ex and ex is not None and not ex.method:
+            # httptools buffers a header until it ends; a chunk fed wholly inside one head counts
+            # against the limit, so a single endless header cannot grow without bound.
+            self.head_fed += len(data)
+            if self.head_fed > self.settings.max_header_bytes:
+                self._reject(Failure.HEADERS_TOO_LARGE)
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still read the answers to what it sent: keep writing them.
+        if self.active is None and self.parsing is None:
+            return None
+        self.closing = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.plane.connections.discard(self)
+        self._disarm()
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            tunnel.close()
+        active = self.active
+        if active is not None and not active.done:
+            active._drop_upstream()
+            if active.stats is not None:
+                active.stats.client_aborts += 1
+            active.settle(None)
+        for queued in self.pipeline:
+            queued.done = True
+        self.pipeline.clear()
+        self.active = None
+
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+        upstream = self._upstream()
+        if upstream is not None:
+            upstream.pause_reading(PEER_WRITE_BLOCKED)
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        upstream = self._upstream()
+        if upstream is not None:
+            upstream.resume_reading(PEER_WRITE_BLOCKED)
+
+    def _upstream(self) -> UpstreamConnection | None:
+        if self.tunnel is not None:
+            return self.tunnel
+        active = self.active
+        return active.upstream if active is not None else None
+
+    # -- httptools callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.closing:
+            raise _StopParsing
+        self.parsing = Exchange(self)
+        self.head_bytes = 0
+        self.head_fed = 0
+        if self.timer_kind != _HEADER:
+            self._arm(_HEADER, self.settings.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.url += url
+        if len(ex.url) + REQUEST_LINE_OVERHEAD > self.settings.max_request_line_bytes:
+            self._reject(Failure.URI_TOO_LONG)
+            raise _StopParsing
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes + len(ex.url) > self.settings.max_header_bytes:
+            self._reject(Failure.HEADERS_TOO_LARGE)
+            raise _StopParsing
+        ex.headers.append((name.lower(), name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        if self.timer_kind == _HEADER:
+            self._disarm()
+        parser = self.parser
+        ex.method = parser.get_method()
+        ex.http_10 = parser.get_http_version() == "1.0"
+        ex.keep_alive = parser.should_keep_alive()
+        ex.upgrade = parser.should_upgrade()
+        failure = self._inspect(ex)
+        if failure is not None:
+            self._reject(failure, ex)
+            raise _StopParsing
+        if self.active is None:
+            self.active = ex
+            ex.start()
+        else:
+            self.pipeline.append(ex)
+            if len(self.pipeline) >= MAX_PIPELINE:
+                self.gate_pause(PIPELINE_FULL)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.body(body)
+        if self.closing:
+            raise _StopParsing
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        self.parsing = None
+        if ex is not None:
+            ex.body_complete()
+        if self.closing:
+            raise _StopParsing
+        if self.active is None and not self.pipeline:
+            self._arm(_IDLE, self.settings.idle_timeout)
+
+    def _inspect(self, ex: Exchange) -> Failure | None:
+        """Request checks the parser leaves to us (RFC 9112 §3.2, §6.1; SPEC §7 limits)."""
+        if ex.method == b"CONNECT":
+            return Failure.METHOD_NOT_ALLOWED
+        line_bytes = len(ex.url) + len(ex.method) + REQUEST_LINE_OVERHEAD
+        if line_bytes > self.settings.max_request_line_bytes:
+            return Failure.URI_TOO_LONG
+        hosts = 0
+        for lname, _, value in ex.headers:
+            if lname == _HOST:
+                hosts += 1
+                ex.host = value
+            elif lname == _TRANSFER_ENCODING:
+                ex.chunked_in = True
+            elif lname == _CONTENT_LENGTH:
+                ex.content_length = int(value)  # llhttp has checked it is a single number
+        if hosts > 1 or (hosts == 0 and not ex.http_10):
+            return Failure.BAD_REQUEST
+        if ex.chunked_in and ex.http_10:
+            return Failure.BAD_REQUEST  # chunked framing does not exist in HTTP/1.0
+        limit = self.settings.max_body_bytes
+        if limit and ex.content_length > limit:
+            return Failure.BODY_TOO_LARGE
+        return None
+
+    # -- answering --------------------------------------------------------------------------------
+
+    def _reject(self, failure: Failure, ex: Exchange | None = None) -> None:
+        """A request that cannot be parsed further: answer it in turn, then close."""
+        if ex is None:
+            ex = self.parsing or Exchange(self)
+        self.parsing = None
+        self.closing = True
+        if self.timer_kind == _HEADER:
+            self._disarm()
+        ex.failure = failure
+        ex.close_after = True
+        if ex is self.active or self.active is None:
+            self.active = ex
+            self.answer(ex, failure)
+        else:
+            self.pipeline.append(ex)
+
+    def fail_request(self, ex: Exchange, failure: Failure) -> None:
+        """The request broke a rule mid-body (size): abandon its upstream side and answer."""
+        self.closing = True
+        if ex is not self.active:
+            ex.failure = failure
+            return
+        if ex.response_started:
+            self.abort(ex)
+            return
+        ex._drop_upstream()
+        self.answer(ex, failure)
+
+    def answer(self, ex: Exchange, failure: Failure) -> None:
+        """Answer `ex` ourselves. Without its whole body read, the connection must close."""
+        if ex.done:
+            return
+        ex._drop_upstream()
+        close = (
+            ex.close_after
+            or ex.body_unread()
+            or not ex.keep_alive
+            or failure.status in (400, 405, 408, 413, 414, 431)
+            or self.plane.draining
+        )
+        ex.close_after = close
+        self.write(wire.local_answer(failure.status, close=close, head_only=ex.method == b"HEAD"))
+        self.finish(ex, failure.status)
+
+    def finish(self, ex: Exchange, status: int) -> None:
+        """`ex` has been answered in full: record it and move to the next request."""
+        ex.settle(status)
+        if ex is not self.active:
+            return
+        self.active = None
+        if ex.close_after:
+            # Whatever was parsed behind it never runs (it may be a body's bytes, not a request).
+            self.close()
+            return
+        self._next()
+
+    def _next(self) -> None:
+        pipeline = self.pipeline
+        while pipeline and self.active is None:
+            ex = pipeline.popleft()
+            self.gate_resume(PIPELINE_FULL)
+            self.active = ex
+            ex.start()
+        if self.active is None and self.parsing is None and not self.pipeline:
+            if self.closing or self.plane.draining:
+                self.close()
+            else:
+                self._arm(_IDLE, self.settings.idle_timeout)
+
+    def start_tunnel(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        """The upstream switched protocols: from now on bytes flow both ways untouched."""
+        self._disarm()
+        self.tunnel = conn
+        early = self.early_bytes or []
+        self.early_bytes = None
+        if early:
+            conn.write(b"".join(early))
+        self.gate_resume(TUNNEL_PENDING)
+        ex.settle(101)
+        self.active = None
+
+    def _hold_early(self, data: bytes) -> None:
+        early = self.early_bytes
+        assert early is not None
+        if data:
+            early.append(data)
+            if sum(len(d) for d in early) > MAX_UPGRADE_EARLY_BYTES:
+                self.gate_pause(TUNNEL_PENDING)
+
+    # -- connection-level helpers -----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def close(self) -> None:
+        self.closing = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, ex: Exchange) -> None:
+        """End the connection without a clean end of message (the response is cut)."""
+        ex._drop_upstream()
+        if not ex.done:
+            ex.settle(502)
+        self.closing = True
+        self.active = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_if_idle(self) -> None:
+        if self.active is None and self.parsing is None and self.tunnel is None:
+            self.close()
+
+    def busy(self) -> int:
+        return (self.active is not None) + len(self.pipeline)
+
+    def cut(self) -> int:
+        """Abort this connection; its unfinished request (if placed) is counted as cut."""
+        cut = 0
+        active = self.active
+        if active is not None and not active.done:
+            if active.stats is not None:
+                active.stats.drain_cut += 1
+            cut = 1
+            active._drop_upstream()
+            active.settle(None)
+        self.closing = True
+        self.active = None
+        if self.tunnel is not None:
+            self.tunnel.abort()
+            self.tunnel = None
+        if self.transport is not None:
+            self.transport.abort()
+        return cut
+
+    def gate_pause(self, reason: int) -> None:
+        if self.gate is not None:
+            self.gate.pause(reason)
+
+    def gate_resume(self, reason: int) -> None:
+        if self.gate is not None:
+            self.gate.resume(reason)
+
+    def _arm(self, kind: int, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_kind = kind
+        self.timer = self.plane.loop.call_later(seconds, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.timer_kind = 0
+
+    def _timed_out(self) -> None:
+        kind = self.timer_kind
+        self.timer = None
+        self.timer_kind = 0
+        if kind == _HEADER and self.parsing is not None and self.active is None:
+            # A client that started a request head and trickles it: slowloris.
+            self.closing = True
+            ex = self.parsing
+            self.parsing = None
+            self.active = ex
+            ex.close_after = True
+            self.answer(ex, Failure.HEADER_TIMEOUT)
+            return
+        if self.active is None and not self.pipeline:
+            self.close()

@@ -1,0 +1,136 @@
+"""Per-(service, version) counters kept as plain numbers on the hot path (STYLE rule 5).
+
+The data plane only increments integers here; Prometheus export and the rollout analysis read the
+same objects at their own pace, so a request never pays for a label lookup or a lock.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+# Upper bounds (seconds) of the latency histogram buckets; +Inf is implied after the last one.
+# Fine below 100 ms because canary latency thresholds are usually set there.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
+
+
+class VersionStats:
+    """Counters of one version of one service, as seen by this process."""
+
+    __slots__ = (
+        "client_aborts",
+        "drain_cut",
+        "in_flight",
+        "latency_buckets",
+        "latency_count",
+        "latency_sum",
+        "requests",
+        "service",
+        "upstream_errors",
+        "version",
+    )
+
+    def __init__(self, service: str, version: str) -> None:
+        self.service = service
+        self.version = version
+        self.requests: dict[int, int] = {}  # status sent to the client -> count
+        # One slot per bucket of LATENCY_BUCKETS plus the +Inf slot; not cumulative.
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+        self.upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
+        self.in_flight = 0
+        self.client_aborts = 0
+        self.drain_cut = 0
+
+    def observe(self, status: int, seconds: float) -> None:
+        """One finished request: the status the client got and how long it took."""
+        requests = self.requests
+        requests[status] = requests.get(status, 0) + 1
+        self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+    def snapshot(self) -> StatsSnapshot:
+        return StatsSnapshot(
+            requests=dict(self.requests),
+            latency_buckets=tuple(self.latency_buckets),
+            latency_sum=self.latency_sum,
+            upstream_errors=dict(self.upstream_errors),
+            client_aborts=self.client_aborts,
+            drain_cut=self.drain_cut,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """A copy of a version's cumulative counters; two of them subtract into a window."""
+
+    requests: dict[int, int]
+    latency_buckets: tuple[int, ...]
+    latency_sum: float
+    upstream_errors: dict[str, int]
+    client_aborts: int
+    drain_cut: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.requests.values())
+
+    def __sub__(self, earlier: StatsSnapshot) -> StatsSnapshot:
+        return StatsSnapshot(
+            requests={
+                code: count - earlier.requests.get(code, 0) for code, count in self.requests.items()
+            },
+            latency_buckets=tuple(
+                a - b for a, b in zip(self.latency_buckets, earlier.latency_buckets, strict=True)
+            ),
+            latency_sum=self.latency_sum - earlier.latency_sum,
+            upstream_errors={
+                kind: count - earlier.upstream_errors.get(kind, 0)
+                for kind, count in self.upstream_errors.items()
+            },
+            client_aborts=self.client_aborts - earlier.client_aborts,
+            drain_cut=self.drain_cut - earlier.drain_cut,
+        )
+
+
+class StatsRegistry:
+    """Every `VersionStats` of this process, created on first use and never removed.
+
+    Counters are never removed so that Prometheus counters stay monotonic across reloads.
+    """
+
+    __slots__ = ("_stats",)
+
+    def __init__(self) -> None:
+        self._stats: dict[tuple[str, str], VersionStats] = {}
+
+    def get(self, service: str, version: str) -> VersionStats:
+        key = (service, version)
+        stats = self._stats.get(key)
+        if stats is None:
+            stats = self._stats[key] = VersionStats(service, version)
+        return stats
+
+    def all(self) -> list[VersionStats]:
+        return list(self._stats.values())

@@ -1,0 +1,261 @@
+"""One keep-alive HTTP/1.1 connection to an upstream endpoint, as an explicit state machine.
+
+The connection parses responses with httptools and hands every event to its current `sink` (the
+downstream exchange that owns it). It goes back to its pool only after a clean, fully read
+exchange; anything unexpected closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import TYPE_CHECKING, Protocol, cast
+
+import httptools
+
+from proxy.errors import Failure
+from proxy.http.flow import ReadGate, set_write_limits
+
+if TYPE_CHECKING:
+    from proxy.upstream.pool import UpstreamPool
+
+
+class State(enum.Enum):
+    NEW = "new"  # connecting
+    ACTIVE = "active"  # owned by an exchange
+    IDLE = "idle"  # in its pool, waiting to be reused
+    CLOSED = "closed"
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection tells the exchange that owns it."""
+
+    def upstream_head(self, conn: UpstreamConnection) -> None: ...
+    def upstream_body(self, data: bytes) -> None: ...
+    def upstream_complete(self, conn: UpstreamConnection) -> None: ...
+    def upstream_flush(self) -> None: ...
+    def upstream_upgraded(self, conn: UpstreamConnection, tail: bytes) -> None: ...
+    def upstream_tunnel_data(self, data: bytes) -> None: ...
+    def upstream_failed(self, conn: UpstreamConnection, failure: Failure) -> None: ...
+    def upstream_write_paused(self) -> None: ...
+    def upstream_write_resumed(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "exchanges",
+        "gate",
+        "generation",
+        "head_only",
+        "headers",
+        "idle_since",
+        "parser",
+        "pool",
+        "reason",
+        "response_started",
+        "sink",
+        "state",
+        "status",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        # Per connection.
+        self.pool = pool
+        self.generation = pool.generation
+        self.state = State.NEW
+        self.transport: asyncio.Transport | None = None
+        self.gate: ReadGate | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchanges = 0  # completed exchanges: > 0 means this connection was reused
+        self.idle_since = 0.0
+        self.tunnel = False
+        # Per exchange.
+        self.sink: ResponseSink | None = None
+        self.head_only = False  # the request was HEAD: the response has no body, whatever it says
+        self.response_started = False
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length = False
+        self.chunked = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<UpstreamConnection {self.pool.endpoint.key} {self.state.value} "
+            f"gen={self.generation} exchanges={self.exchanges}>"
+        )
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self.gate = ReadGate(transport)
+        set_write_limits(transport)
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if self.tunnel:
+            if sink is not None:
+                sink.upstream_tunnel_data(data)
+            return
+        if sink is None:
+            # Bytes on an idle connection are a protocol violation; it cannot be reused safely.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            if self.status == 101 and self.sink is not None:
+                self.tunnel = True
+                self.sink.upstream_upgraded(self, data[upgrade.args[0] :])
+            else:
+                self._fail(Failure.UPSTREAM_PROTOCOL)
+            return
+        except httptools.HttpParserError:
+            self._fail(Failure.UPSTREAM_PROTOCOL)
+            return
+        if self.sink is not None:
+            self.sink.upstream_flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        previous = self.state
+        self.state = State.CLOSED
+        self.pool.forget(self)
+        sink = self.sink
+        if sink is None or previous is not State.ACTIVE:
+            return
+        self.sink = None
+        if self.tunnel:
+            sink.upstream_failed(self, Failure.UPSTREAM_RESET)
+        elif self.response_started and not self.content_length and not self.chunked:
+            # A close-delimited body ends with the connection (RFC 9112 §6.3 rule 8).
+            sink.upstream_complete(self)
+        else:
+            sink.upstream_failed(self, Failure.UPSTREAM_RESET)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_write_paused()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_write_resumed()
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.status = status
+        sink = self.sink
+        if sink is None:
+            return
+        if status < 200 and status != 101:
+            return  # interim responses are forwarded at message complete
+        self.response_started = True
+        sink.upstream_head(self)
+        if self.head_only and self.sink is not None:
+            # The parser cannot know the request was HEAD and would wait for the announced body;
+            # end the exchange here and give the next one a fresh parser.
+            self.parser = httptools.HttpResponseParser(self)
+            self._complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None and not self.head_only:
+            self.sink.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        status = self.status
+        if self.sink is None or status == 101:
+            return
+        if status < 200:
+            # 100 Continue and friends: forward as-is, then wait for the final response.
+            self.sink.upstream_head(self)
+            self._reset_response()
+            return
+        self._complete()
+
+    # -- used by the exchange -----------------------------------------------------------------
+
+    def begin(self, sink: ResponseSink, head_only: bool) -> None:
+        self.state = State.ACTIVE
+        self.sink = sink
+        self.head_only = head_only
+        self._reset_response()
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def keep_alive(self) -> bool:
+        return bool(self.parser.should_keep_alive()) and not self.tunnel
+
+    def pause_reading(self, reason: int) -> None:
+        if self.gate is not None:
+            self.gate.pause(reason)
+
+    def resume_reading(self, reason: int) -> None:
+        if self.gate is not None:
+            self.gate.resume(reason)
+
+    def release(self, reusable: bool) -> None:
+        """The exchange is over: back to the pool when `reusable`, else closed."""
+        self.sink = None
+        if reusable and self.state is State.ACTIVE and self.gate is not None:
+            self.gate.resume(self.gate.reasons)
+            self.pool.put_idle(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.sink = None
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            self.pool.forget(self)
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        """Close without flushing: the exchange was cancelled and nothing more must be sent."""
+        self.sink = None
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            self.pool.forget(self)
+            if self.transport is not None:
+                self.transport.abort()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _reset_response(self) -> None:
+        self.response_started = False
+        self.status = 0
+        self.reason = b""
+        self.headers = []
+        self.content_length = False
+        self.chunked = False
+
+    def _complete(self) -> None:
+        sink = self.sink
+        if sink is not None:
+            self.exchanges += 1
+            sink.upstream_complete(self)
+
+    def _fail(self, failure: Failure) -> None:
+        sink = self.sink
+        self.abort()
+        if sink is not None:
+            sink.upstream_failed(self, failure)
