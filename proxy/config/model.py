@@ -153,10 +153,14 @@ _FORCE_KEYWORDS = frozenset({"always", "never"})
 def parse_endpoint(text: str) -> tuple[str, int]:
     """Split `"host:port"` or `"[v6]:port"` into `(host, port)`; IPv6 hosts lose the brackets.
 
+    Port 0 is accepted: a listener on port 0 binds a free port (tests do this). Upstream
+    endpoints, which must be connectable, additionally reject it (see `_check_upstream`).
     Raises ValueError with a message naming what is wrong (missing port, bad port, IPv6
     without brackets, invalid host).
     """
     host, sep, port_text = text.strip().rpartition(":")
+    if "://" in text:  # a URL where an address belongs: the most common slip
+        raise ValueError(f'must be "host:port" without a scheme, got {text!r}')
     if not sep or not host:
         raise ValueError(f'must be "host:port" or "[v6]:port", got {text!r}')
     if host.startswith("[") and host.endswith("]"):
@@ -169,7 +173,7 @@ def parse_endpoint(text: str) -> tuple[str, int]:
         raise ValueError(f"an IPv6 address needs brackets, as in [::1]:8080; got {text!r}")
     elif not _HOSTNAME_RE.fullmatch(host):
         raise ValueError(f"{host!r} is not a valid host name or address")
-    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+    if not (port_text.isascii() and port_text.isdigit() and int(port_text) <= 65535):
         raise ValueError(f"port must be a number from 1 to 65535, got {port_text!r}")
     return host, int(port_text)
 
@@ -184,8 +188,14 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def _check_endpoint(text: str) -> str:
+def _check_listen(text: str) -> str:
     parse_endpoint(text)
+    return text.strip()
+
+
+def _check_upstream(text: str) -> str:
+    if parse_endpoint(text)[1] == 0:
+        raise ValueError("port must be a number from 1 to 65535, got '0'")
     return text.strip()
 
 
@@ -241,7 +251,10 @@ def _as_list(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 
-Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
+ListenAddress = Annotated[str, AfterValidator(_check_listen)]
+"""host:port to bind; port 0 binds a free port."""
+Endpoint = Annotated[str, AfterValidator(_check_upstream)]
+"""host:port of an upstream; port 1..65535."""
 Name = Annotated[str, AfterValidator(_check_name)]
 VersionName = Annotated[str, AfterValidator(_check_version_name)]
 Token = Annotated[str, AfterValidator(_check_token)]
@@ -253,7 +266,10 @@ _LISTEN_SCHEMA: dict[str, Any] = {
     "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]
 }
 ListenList = Annotated[
-    list[Endpoint], BeforeValidator(_as_list), Field(min_length=1), WithJsonSchema(_LISTEN_SCHEMA)
+    list[ListenAddress],
+    BeforeValidator(_as_list),
+    Field(min_length=1),
+    WithJsonSchema(_LISTEN_SCHEMA),
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +317,7 @@ class _Model(BaseModel):
 class AdminConfig(_Model):
     """The admin API listener. A token is mandatory once it listens beyond loopback."""
 
-    listen: Endpoint = "127.0.0.1:9901"
+    listen: ListenAddress = "127.0.0.1:9901"
     """host:port of the admin API."""
     token: OptionalStr = None
     """Bearer token for every admin call except /healthz and /readyz; empty means none."""
@@ -703,7 +719,8 @@ class Config(_Model):
         seen: dict[tuple[str, int], int] = {}
         problems: list[tuple[Loc, str]] = []
         for i, text in enumerate(listen):
-            first = seen.setdefault(parse_endpoint(text), i)
+            address = parse_endpoint(text)
+            first = seen.setdefault(address, i) if address[1] else i  # port 0: a fresh port
             if first != i:
                 problems.append(((i,), f"same address as listen.{first}"))
         _fail_if_any("Config", problems)
@@ -726,6 +743,6 @@ class Config(_Model):
     def _admin_apart(self) -> Config:
         admin = parse_endpoint(self.admin.listen)
         for i, text in enumerate(self.listen):
-            if parse_endpoint(text) == admin:
+            if admin[1] and parse_endpoint(text) == admin:  # port 0: a fresh port, no clash
                 _fail("Config", [(("admin", "listen"), f"same address as listen.{i}")])
         return self

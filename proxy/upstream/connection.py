@@ -170,9 +170,10 @@ class UpstreamConnection(asyncio.Protocol):
         sink.upstream_head(self)
         if self.head_only and self.sink is not None:
             # The parser cannot know the request was HEAD and would wait for the announced body;
-            # end the exchange here and give the next one a fresh parser.
-            self.parser = httptools.HttpResponseParser(self)
+            # end the exchange here (keep-alive is read from this parser) and give the next
+            # exchange a fresh parser.
             self._complete()
+            self.parser = httptools.HttpResponseParser(self)
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None and not self.head_only:

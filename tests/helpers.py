@@ -1,0 +1,302 @@
+"""Test doubles on real loopback sockets: a recording upstream, scripted raw upstreams, a raw
+client that reads exactly one HTTP response, and a proxy started in-process on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httptools
+
+from proxy.config.loader import parse_config
+from proxy.server import Server
+
+
+@dataclass
+class ReceivedRequest:
+    """One request exactly as an upstream received it."""
+
+    method: bytes
+    url: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    raw_head: bytes = b""
+
+    def header(self, name: str) -> bytes | None:
+        values = self.headers_named(name)
+        return values[0] if values else None
+
+    def headers_named(self, name: str) -> list[bytes]:
+        lname = name.lower().encode()
+        return [value for key, value in self.headers if key.lower() == lname]
+
+
+Responder = Callable[[ReceivedRequest], bytes]
+
+
+def ok_response(body: bytes = b"ok\n", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+class _RecordingProtocol(asyncio.Protocol):
+    def __init__(self, upstream: RecordingUpstream) -> None:
+        self.upstream = upstream
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.current: ReceivedRequest | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.upstream.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            assert self.transport is not None
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self.current = ReceivedRequest(b"", b"", [], b"")
+
+    def on_url(self, url: bytes) -> None:
+        assert self.current is not None
+        self.current.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.current is not None
+        self.current.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self.current is not None
+        self.current.method = self.parser.get_method()
+
+    def on_body(self, body: bytes) -> None:
+        assert self.current is not None
+        self.current.body += body
+
+    def on_message_complete(self) -> None:
+        request = self.current
+        assert request is not None and self.transport is not None
+        self.upstream.requests.append(request)
+        self.upstream.arrived.set()
+        self.transport.write(self.upstream.responder(request))
+
+
+@dataclass
+class RecordingUpstream:
+    """An HTTP/1.1 keep-alive upstream that records every request it receives."""
+
+    name: str = "upstream"
+    responder: Responder = field(default=lambda request: ok_response())
+    requests: list[ReceivedRequest] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+    server: asyncio.Server | None = None
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> RecordingUpstream:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: _RecordingProtocol(self), "127.0.0.1", self.port
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 1)
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(handler: RawHandler) -> AsyncIterator[str]:
+    """A TCP server whose every connection runs `handler`: for scripted faults."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(run, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+
+
+async def read_request_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    complete: bool  # the message ended by its framing, not by a dropped connection
+
+    def header(self, name: str) -> bytes | None:
+        lname = name.lower().encode()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return None
+
+
+class _ResponseReader:
+    def __init__(self, head_request: bool) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.done = False
+        self.head_request = head_request
+        self.headers_done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        if self.parser.get_status_code() < 200:
+            self.headers = []
+            self.headers_done = False
+        elif self.head_request:
+            self.done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        if self.parser.get_status_code() >= 200:
+            self.done = True
+
+
+async def read_response(
+    reader: asyncio.StreamReader, head_request: bool = False, timeout: float = 5.0
+) -> Response:
+    """Read exactly one final response (interim 1xx are skipped) from `reader`."""
+    state = _ResponseReader(head_request)
+    async with asyncio.timeout(timeout):
+        while not state.done:
+            data = await reader.read(65536)
+            if not data:
+                break
+            try:
+                state.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                state.done = True
+    if not state.headers_done:
+        raise ConnectionError("connection closed before a response head")
+    return Response(state.parser.get_status_code(), state.headers, state.body, state.done)
+
+
+class Client:
+    """A raw client connection to the proxy."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self, head_request: bool = False, timeout: float = 5.0) -> Response:
+        return await read_response(self.reader, head_request, timeout)
+
+    async def request(self, data: bytes, head_request: bool = False) -> Response:
+        await self.send(data)
+        return await self.response(head_request)
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        """True once the proxy has closed the connection (reads EOF), draining what is left."""
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    data = await self.reader.read(65536)
+                except ConnectionResetError:
+                    return True
+                if not data:
+                    return True
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def get(path: str = "/", host: str = "app.test", extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+@dataclass
+class RunningProxy:
+    server: Server
+
+    @property
+    def port(self) -> int:
+        return self.server.addresses[0][1]
+
+    async def client(self) -> Client:
+        return await Client.connect(self.port)
+
+    def stats(self, service: str, version: str):  # type: ignore[no-untyped-def]
+        return self.server.plane.stats.get(service, version)
+
+
+def two_version_config(
+    blue: str,
+    green: str,
+    blue_weight: int = 90,
+    green_weight: int = 10,
+    extra_service: str = "",
+    extra_top: str = "",
+) -> str:
+    return f"""
+listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0}}
+{extra_top}
+services:
+  shop:
+    versions:
+      blue: {{endpoints: ["{blue}"], weight: {blue_weight}}}
+      green: {{endpoints: ["{green}"], weight: {green_weight}}}
+    version_header: X-App-Version
+{extra_service}
+"""
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(config_text: str) -> AsyncIterator[RunningProxy]:
+    server = Server(parse_config(config_text, env={}))
+    await server.start()
+    try:
+        yield RunningProxy(server)
+    finally:
+        await server.stop(drain_timeout=0.5)
