@@ -8,9 +8,9 @@ what is left, counting every cut request against its version.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-import time
 
 from proxy.config.model import Config, parse_endpoint
 from proxy.http.protocol import DataPlane
@@ -22,9 +22,6 @@ log = logging.getLogger("laneswitch")
 
 # Pending connections the kernel queues per listener before accepting; nginx's default is 511.
 LISTEN_BACKLOG = 1024
-
-# How often the stop checks whether in-flight work has finished.
-DRAIN_POLL_SECONDS = 0.05
 
 
 class Server:
@@ -68,9 +65,8 @@ class Server:
         for listener in self.listeners:
             listener.close()
         self.plane.begin_drain()
-        deadline = time.monotonic() + drain_timeout
-        while self.plane.in_flight() and time.monotonic() < deadline:
-            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.plane.drained.wait(), drain_timeout)
         cut = self.plane.cut_all()
         self.plane.pools.close()
         for listener in self.listeners:

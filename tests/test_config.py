@@ -478,6 +478,23 @@ def test_yaml_syntax_error_names_line_and_column() -> None:
     assert line.startswith("x.yaml:3:1: invalid YAML: ")
 
 
+def test_yaml_with_two_documents() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config("listen: 127.0.0.1:1\n---\nlisten: 127.0.0.1:2\n", env={}, source="x.yaml")
+    assert caught.value.errors == [
+        "x.yaml:2:1: invalid YAML: expected a single document in the stream, "
+        "but found another document"
+    ]
+
+
+def test_recursive_alias_is_an_error_not_a_crash() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config("services: &loop {shop: *loop}\n", env={})
+    assert caught.value.errors == [
+        "services.shop: an alias refers to a mapping or list containing it"
+    ]
+
+
 def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as caught:
@@ -549,10 +566,13 @@ def test_all_errors_are_collected(tmp_path: Path) -> None:
         ),
         (minimal(timeouts="fast"), "timeouts: must be a mapping"),
         (minimal(limits={"max_connections": 0}), "limits.max_connections: must be >= 1"),
-        (minimal(shop={"version_header": "X App"}), "services.shop.version_header: must be "
-         "a header or cookie name (letters, digits and !#$%&'*+-.^_`|~)"),
+        (
+            minimal(shop={"version_header": "X App"}),
+            "services.shop.version_header: must be "
+            "a header or cookie name (letters, digits and !#$%&'*+-.^_`|~)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_plain_messages(tmp_path: Path, data: dict[str, Any], line: str) -> None:
     assert errors(tmp_path, dump(data)) == [line]
 
@@ -638,6 +658,8 @@ def test_parse_endpoint(text: str, expected: tuple[str, int]) -> None:
         ("127.0.0.1:http", "port must be a number from 1 to 65535, got 'http'"),
         ("::1:80", "an IPv6 address needs brackets, as in [::1]:8080; got '::1:80'"),
         ("[zz::1]:80", "'zz::1' is not an IPv6 address"),
+        ("[::1]", "must be \"[v6]:port\", got '[::1]'"),
+        ("host:", "port must be a number from 1 to 65535, got ''"),
         ("http://a:80", "must be \"host:port\" without a scheme, got 'http://a:80'"),
         ("a/b:80", "'a/b' is not a valid host name or address"),
     ],
@@ -838,8 +860,10 @@ def test_fractional_steps_need_a_fine_weight_total(tmp_path: Path) -> None:
         ),
         (
             {"step_weights": DROP, "step_weight": 2.5, "max_weight": 50},
-            ["services.shop.rollout.step_weight: 2.5 is not a multiple of 1 "
-             "(100 / weight_total 100)"],
+            [
+                "services.shop.rollout.step_weight: 2.5 is not a multiple of 1 "
+                "(100 / weight_total 100)"
+            ],
         ),
         ({"canary": "blue"}, ["services.shop.rollout.canary: must differ from stable"]),
         (
@@ -856,8 +880,10 @@ def test_fractional_steps_need_a_fine_weight_total(tmp_path: Path) -> None:
         ({"metrics": None}, ["services.shop.rollout.metrics: must be a mapping"]),
         (
             {"metrics": {}},
-            ["services.shop.rollout.metrics: set at least one of success_rate, latency_p99, "
-             "success_rate_vs_stable"],
+            [
+                "services.shop.rollout.metrics: set at least one of success_rate, latency_p99, "
+                "success_rate_vs_stable"
+            ],
         ),
         (
             {"metrics": {"success_rate": {"min": 120}, "latency_p99": {"max": "0ms"}}},
@@ -869,7 +895,7 @@ def test_fractional_steps_need_a_fine_weight_total(tmp_path: Path) -> None:
         ({"stable": None}, ["services.shop.rollout.stable: must be a string"]),
         ({"active": "blue"}, ["services.shop.rollout.active: unknown key"]),
     ],
-)  # fmt: skip
+)
 def test_canary_rollout_errors(tmp_path: Path, changes: dict[str, Any], lines: list[str]) -> None:
     rollout = {k: v for k, v in {**CANARY, **changes}.items() if v is not DROP}
     assert errors(tmp_path, with_rollout(rollout)) == lines

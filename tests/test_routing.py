@@ -17,6 +17,11 @@ from proxy.routing.splitter import (
 )
 from proxy.routing.table import RouteTable, ServiceRoute
 
+CANARY_ROLLOUT = (
+    "    rollout: {strategy: canary, stable: stable, canary: canary, step_weights: [50],"
+    " metrics: {success_rate: {min: 99}}}"
+)
+
 
 def service_config(
     weights: dict[str, int],
@@ -90,7 +95,7 @@ def test_raising_canary_weight_never_moves_a_key_from_canary_to_stable(
     keys: list[bytes], low: int, high: int
 ) -> None:
     low, high = sorted((low, high))
-    rollout = "    rollout: {strategy: canary, stable: stable, canary: canary, step_weights: [50], metrics: {success_rate: {min: 99}}}"
+    rollout = CANARY_ROLLOUT
     extra = "    sticky: {header: X-User-Id}"
 
     def service(canary: int) -> ServiceRoute:
@@ -106,7 +111,7 @@ def test_raising_canary_weight_never_moves_a_key_from_canary_to_stable(
 
 
 def test_sticky_share_matches_weight_and_canary_owns_the_first_buckets() -> None:
-    rollout = "    rollout: {strategy: canary, stable: stable, canary: canary, step_weights: [50], metrics: {success_rate: {min: 99}}}"
+    rollout = CANARY_ROLLOUT
     service = route(
         {"stable": 80, "canary": 20}, extra="    sticky: {header: X-User-Id}", rollout=rollout
     )
@@ -118,7 +123,7 @@ def test_sticky_share_matches_weight_and_canary_owns_the_first_buckets() -> None
 
 
 def test_force_precedence_header_then_cookie_then_sticky() -> None:
-    rollout = "    rollout: {strategy: canary, stable: stable, canary: canary, step_weights: [50], metrics: {success_rate: {min: 99}}}"
+    rollout = CANARY_ROLLOUT
     extra = "    sticky: {header: X-User-Id}\n    force: {header: X-Canary, cookie: canary}"
     service = route({"stable": 100, "canary": 0}, extra=extra, rollout=rollout)
     pick = choose_version

@@ -57,7 +57,7 @@ class ConfigError(Exception):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys.
+    """SafeLoader that rejects duplicate mapping keys (and recursive aliases).
 
     PyYAML silently keeps the last of two equal keys, which hides exactly the kind of mistake
     (a version pasted twice, two `weight:` lines) a config check exists to catch. The check runs
@@ -69,17 +69,23 @@ class _StrictLoader(yaml.SafeLoader):
         node = self.get_single_node()
         if node is None:
             return None
-        duplicates = list(_duplicate_keys(node, (), set()))
-        if duplicates:
-            raise ConfigError(duplicates)
+        problems = list(_key_problems(node, (), set(), set()))
+        if problems:
+            raise ConfigError(problems)
         return self.construct_document(node)
 
 
-def _duplicate_keys(node: yaml.Node, loc: Loc, seen: set[int]) -> Iterable[str]:
-    # Aliases make the node tree a graph (possibly cyclic): visit each node once.
+def _key_problems(node: yaml.Node, loc: Loc, seen: set[int], ancestors: set[int]) -> Iterable[str]:
+    """Duplicate keys under `node`, and aliases that make the document recursive."""
+    # Aliases make the node tree a graph: visit each node once, and refuse cycles, which no
+    # config needs and which would send every later walk over the data into endless recursion.
+    if id(node) in ancestors:
+        yield f"{_dotted(loc) or '(top level)'}: an alias refers to a mapping or list containing it"
+        return
     if id(node) in seen:
         return
     seen.add(id(node))
+    ancestors.add(id(node))
     if isinstance(node, yaml.MappingNode):
         first_line: dict[tuple[str, str], int] = {}
         for key, value in node.value:
@@ -92,10 +98,11 @@ def _duplicate_keys(node: yaml.Node, loc: Loc, seen: set[int]) -> Iterable[str]:
                     yield f"{_dotted(key_loc)}: duplicate key ({lines})"
                 else:
                     first_line[ident] = line
-            yield from _duplicate_keys(value, key_loc, seen)
+            yield from _key_problems(value, key_loc, seen, ancestors)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            yield from _duplicate_keys(item, (*loc, i), seen)
+            yield from _key_problems(item, (*loc, i), seen, ancestors)
+    ancestors.discard(id(node))
 
 
 def _load_yaml(text: str, source: str) -> dict[str, Any]:
@@ -105,7 +112,8 @@ def _load_yaml(text: str, source: str) -> dict[str, Any]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        raise ConfigError(f"{where}: invalid YAML: {exc.problem or exc.context}") from None
+        problem = ", ".join(part for part in (exc.context, exc.problem) if part)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
     if data is None:

@@ -158,21 +158,25 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     Raises ValueError with a message naming what is wrong (missing port, bad port, IPv6
     without brackets, invalid host).
     """
-    host, sep, port_text = text.strip().rpartition(":")
+    text = text.strip()
     if "://" in text:  # a URL where an address belongs: the most common slip
         raise ValueError(f'must be "host:port" without a scheme, got {text!r}')
-    if not sep or not host:
-        raise ValueError(f'must be "host:port" or "[v6]:port", got {text!r}')
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f'must be "[v6]:port", got {text!r}')
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError(f"{host!r} is not an IPv6 address") from None
-    elif ":" in host:
-        raise ValueError(f"an IPv6 address needs brackets, as in [::1]:8080; got {text!r}")
-    elif not _HOSTNAME_RE.fullmatch(host):
-        raise ValueError(f"{host!r} is not a valid host name or address")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f'must be "host:port" or "[v6]:port", got {text!r}')
+        if ":" in host:
+            raise ValueError(f"an IPv6 address needs brackets, as in [::1]:8080; got {text!r}")
+        if not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError(f"{host!r} is not a valid host name or address")
     if not (port_text.isascii() and port_text.isdigit() and int(port_text) <= 65535):
         raise ValueError(f"port must be a number from 1 to 65535, got {port_text!r}")
     return host, int(port_text)
@@ -220,7 +224,7 @@ def _check_token(name: str) -> str:
 
 
 def _check_optional_token(name: str) -> str:
-    return name and _check_token(name)
+    return _check_token(name) if name else name
 
 
 def _check_match_host(host: str) -> str:

@@ -90,7 +90,16 @@ class RequestIds:
 class DataPlane:
     """What every client connection of this process shares."""
 
-    __slots__ = ("connections", "draining", "loop", "pools", "request_ids", "stats", "table")
+    __slots__ = (
+        "connections",
+        "drained",
+        "draining",
+        "loop",
+        "pools",
+        "request_ids",
+        "stats",
+        "table",
+    )
 
     def __init__(
         self,
@@ -105,6 +114,7 @@ class DataPlane:
         self.connections: set[DownstreamProtocol] = set()
         self.request_ids = RequestIds()
         self.draining = False
+        self.drained = asyncio.Event()  # set once draining and nothing is in flight
 
     def install(self, table: RouteTable) -> None:
         """Swap in a new routing snapshot; requests already placed keep their version."""
@@ -119,6 +129,11 @@ class DataPlane:
         self.draining = True
         for conn in list(self.connections):
             conn.close_if_idle()
+        self.check_drained()
+
+    def check_drained(self) -> None:
+        if self.draining and not self.in_flight():
+            self.drained.set()
 
     def in_flight(self) -> int:
         return sum(conn.busy() for conn in self.connections)
@@ -710,6 +725,8 @@ class DownstreamProtocol(asyncio.Protocol):
             queued.done = True
         self.pipeline.clear()
         self.active = None
+        if self.plane.draining:
+            self.plane.check_drained()
 
     def pause_writing(self) -> None:
         self.write_blocked = True
@@ -876,8 +893,10 @@ class DownstreamProtocol(asyncio.Protocol):
         if ex.close_after:
             # Whatever was parsed behind it never runs (it may be a body's bytes, not a request).
             self.close()
-            return
-        self._next()
+        else:
+            self._next()
+        if self.plane.draining:
+            self.plane.check_drained()
 
     def _next(self) -> None:
         pipeline = self.pipeline
