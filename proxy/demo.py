@@ -6,20 +6,19 @@ install or configure.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiohttp import web
 
 from proxy.config.loader import parse_config
-from proxy.server import Server
+from proxy.server import Server, serve_until_signalled
 
 log = logging.getLogger("laneswitch.demo")
 
 DEMO_CONFIG = """
 listen: 127.0.0.1:8080
 admin: {listen: 127.0.0.1:9901}
-drain_timeout: 5s
+drain_timeout: 2s
 services:
   shop:
     versions:
@@ -77,8 +76,7 @@ async def demo() -> None:
     await server.start()
     print(TRY_IT, flush=True)
     try:
-        await asyncio.Event().wait()
+        await serve_until_signalled(server)
     finally:
-        await server.stop(drain_timeout=1.0)
         for runner in runners:
             await runner.cleanup()

@@ -75,17 +75,23 @@ class Server:
 
 
 async def run(config: Config) -> None:
-    """Run until SIGTERM/SIGINT, then stop gracefully; a second signal stops at once."""
+    """Run the proxy of `config` until SIGTERM/SIGINT."""
     server = Server(config)
     await server.start()
+    await serve_until_signalled(server)
+
+
+async def serve_until_signalled(server: Server) -> None:
+    """Wait for SIGTERM/SIGINT, then stop gracefully; a second signal stops at once."""
     stop = asyncio.Event()
     signals = 0
+    drain_timeout = server.config.drain_timeout
 
     def on_signal(signum: int) -> None:
         nonlocal signals
         signals += 1
         if signals == 1:
-            log.info("%s: draining (up to %ss)", signal.Signals(signum).name, config.drain_timeout)
+            log.info("%s: draining (up to %ss)", signal.Signals(signum).name, drain_timeout)
             stop.set()
         else:
             log.warning("second signal: stopping now")
@@ -94,6 +100,10 @@ async def run(config: Config) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         server.loop.add_signal_handler(signum, on_signal, signum)
-    await stop.wait()
-    cut = await server.stop()
-    log.info("stopped (%d request(s) cut at the drain timeout)", cut)
+    try:
+        await stop.wait()
+        cut = await server.stop()
+        log.info("stopped (%d request(s) cut at the drain timeout)", cut)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            server.loop.remove_signal_handler(signum)

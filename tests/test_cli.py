@@ -1,0 +1,154 @@
+"""End to end: the `laneswitch` command run as a user runs it, in its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import Client, RecordingUpstream, get
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def command() -> list[str]:
+    """The installed `laneswitch` script next to this Python, else `python -m proxy`."""
+    script = Path(sys.executable).parent / "laneswitch"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("laneswitch")
+    return [found] if found else [sys.executable, "-m", "proxy"]
+
+
+async def run_cli(*args: str, timeout: float = 30) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *command(),
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_check_accepts_the_default_config() -> None:
+    code, out, err = await run_cli("check", "-c", "config/laneswitch.yaml")
+    assert code == 0, err
+    assert "shop" in out
+    assert "valid" in out
+
+
+async def test_check_rejects_a_bad_config_naming_every_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        """
+services:
+  shop:
+    versions:
+      stable: {endpoints: ["127.0.0.1:9001"], weight: 110}
+      canary: {endpoints: ["127.0.0.1:9002"], weight: -10, wieght: 3}
+"""
+    )
+    code, out, err = await run_cli("check", "-c", str(bad))
+    assert code == 1
+    assert "services.shop.versions.canary.weight: must be >= 0" in err
+    assert "services.shop.versions.canary.wieght: unknown key" in err
+    assert out == ""
+
+
+async def test_schema_prints_json_schema() -> None:
+    code, out, _ = await run_cli("schema")
+    assert code == 0
+    schema = json.loads(out)
+    assert {"listen", "services", "timeouts", "limits"} <= set(schema["properties"])
+
+
+async def wait_for_line(stream: asyncio.StreamReader, pattern: str, timeout: float = 15) -> str:
+    regex = re.compile(pattern)
+    async with asyncio.timeout(timeout):
+        while True:
+            line = (await stream.readline()).decode()
+            if not line:
+                raise AssertionError(f"process ended before printing {pattern!r}")
+            if regex.search(line):
+                return line
+
+
+async def test_run_proxies_then_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
+    blue = await RecordingUpstream("blue").start()
+    green = await RecordingUpstream("green").start()
+    config = tmp_path / "laneswitch.yaml"
+    config.write_text(
+        f"""
+listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0}}
+drain_timeout: 2s
+services:
+  shop:
+    versions:
+      blue: {{endpoints: ["{blue.endpoint}"], weight: 50}}
+      green: {{endpoints: ["{green.endpoint}"], weight: 50}}
+    version_header: X-App-Version
+"""
+    )
+    process = await asyncio.create_subprocess_exec(
+        *command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stderr is not None
+        line = await wait_for_line(process.stderr, r"listening on 127\.0\.0\.1:(\d+)")
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))  # type: ignore[union-attr]
+        client = await Client.connect(port)
+        versions = [(await client.request(get())).header("X-App-Version") for _ in range(10)]
+        assert versions.count(b"blue") == 5 and versions.count(b"green") == 5
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        # An idle keep-alive client is closed by the drain.
+        assert await client.closed()
+        code = await asyncio.wait_for(process.wait(), 2 + 1)
+        assert code == 0
+        assert time.monotonic() - stopped_at < 3
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await blue.stop()
+        await green.stop()
+
+
+async def test_python_dash_m_proxy_is_the_same_program() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--help", cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await process.communicate()
+    assert process.returncode == 0
+    assert b"laneswitch" in out
+
+
+async def test_demo_serves_blue_and_green_and_stops_on_ctrl_c() -> None:
+    process = await asyncio.create_subprocess_exec(
+        *command(), "demo", cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        await wait_for_line(process.stdout, r"Ctrl-C")
+        client = await Client.connect(8080)
+        bodies = [(await client.request(get())).body for _ in range(20)]
+        assert bodies.count(b"blue\n") == 18 and bodies.count(b"green\n") == 2
+        forced = await client.request(get(extra="X-Canary: green\r\n"))
+        assert forced.body == b"green\n"
+        await client.close()
+        process.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(process.wait(), 10)
+        assert code == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -1,0 +1,116 @@
+"""The architecture holds: a module imports only from its own layer or below (STYLE.md).
+
+Imports are read with `ast`, so a violation fails here before it can become a cycle or drag
+aiohttp or YAML into the data plane.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
+
+# Module (dotted, or a package prefix ending in ".") -> layer.
+LAYERS: dict[str, int] = {
+    "proxy.config.model": 0,
+    "proxy.errors": 0,
+    "proxy.http.wire": 0,
+    "proxy.config.loader": 1,
+    "proxy.config": 1,  # the package re-exports the loader
+    "proxy.metrics": 1,
+    "proxy.http.flow": 1,
+    "proxy.routing.": 2,
+    "proxy.upstream.": 2,
+    "proxy.health": 2,
+    "proxy.http.protocol": 3,
+    "proxy.rollout.": 4,
+    "proxy.admin.": 4,
+    "proxy.server": 5,
+    "proxy.cli": 5,
+    "proxy.demo": 5,
+    "proxy.runtime": 5,
+    "proxy.__main__": 5,
+    "proxy": 0,  # proxy/__init__.py holds only the version
+    # Package __init__ files are empty; `from proxy.http import wire` resolves to the lowest.
+    "proxy.http": 0,
+    "proxy.routing": 2,
+    "proxy.upstream": 2,
+}
+
+# Third-party packages the data plane (layers 0-3, the config loader aside) must never import.
+CONTROL_PLANE_ONLY = {"aiohttp", "yaml", "prometheus_client"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> int | None:
+    if module in LAYERS:
+        return LAYERS[module]
+    for prefix, layer in LAYERS.items():
+        if prefix.endswith(".") and module.startswith(prefix):
+            return layer
+        if module.startswith(prefix + ".") and not prefix.endswith("."):
+            return layer if prefix != "proxy" else None
+    return None
+
+
+def imports_of(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+    return found
+
+
+def all_modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_module_has_a_layer() -> None:
+    missing = [module_name(p) for p in all_modules() if layer_of(module_name(p)) is None]
+    assert missing == [], f"add these modules to LAYERS: {missing}"
+
+
+def test_no_import_points_up() -> None:
+    violations: list[str] = []
+    for path in all_modules():
+        importer = module_name(path)
+        own = layer_of(importer)
+        assert own is not None
+        for imported in imports_of(path):
+            if not imported.startswith("proxy"):
+                continue
+            theirs = layer_of(imported)
+            assert theirs is not None, f"{importer} imports unknown module {imported}"
+            if theirs > own:
+                violations.append(f"{importer} (L{own}) imports {imported} (L{theirs})")
+    assert violations == []
+
+
+def test_data_plane_never_imports_control_plane_libraries() -> None:
+    violations: list[str] = []
+    for path in all_modules():
+        importer = module_name(path)
+        own = layer_of(importer)
+        if own is None or own > 3 or importer in ("proxy.config.loader", "proxy.config"):
+            continue
+        for imported in imports_of(path):
+            if imported.split(".")[0] in CONTROL_PLANE_ONLY:
+                violations.append(f"{importer} imports {imported}")
+    assert violations == []
+
+
+def test_the_checker_catches_an_upward_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("from proxy.server import Server\n")
+    assert "proxy.server" in imports_of(bad)
+    assert layer_of("proxy.server") == 5 > layer_of("proxy.http.wire") == 0  # type: ignore[operator]
