@@ -53,6 +53,7 @@ class Server:
                 self.plane.protocol, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
             )
             self.listeners.append(listener)
+        self.plane.start_ticker()
         log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in self.addresses))
 
     def install(self, table: RouteTable) -> None:
@@ -68,6 +69,7 @@ class Server:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.plane.drained.wait(), drain_timeout)
         cut = self.plane.cut_all()
+        self.plane.stop_ticker()
         self.plane.pools.close()
         for listener in self.listeners:
             await listener.wait_closed()

@@ -55,14 +55,14 @@ REQUEST_LINE_OVERHEAD = 16
 _HEADER = 1
 _IDLE = 2
 
-_HOST = b"host"
-_CONTENT_LENGTH = b"content-length"
-_TRANSFER_ENCODING = b"transfer-encoding"
-_CONNECTION = b"connection"
-_COOKIE = b"cookie"
-_UPGRADE = b"upgrade"
-_XFF = b"x-forwarded-for"
-_REQUEST_ID = b"x-request-id"
+NEVER = float("inf")
+
+# The deadline ticker runs this often relative to the shortest timeout (and within the bounds
+# below): a deadline fires at most a quarter of its timeout late, for one check of every
+# connection per tick instead of a timer armed and cancelled per request.
+TICKS_PER_TIMEOUT = 4
+MIN_TICK = 0.05
+MAX_TICK = 1.0
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -87,6 +87,17 @@ class RequestIds:
         return b"%s-%x" % (self.prefix, self.count)
 
 
+def control_headers(table: RouteTable) -> set[bytes]:
+    """Every service's force and sticky header names (lower-cased)."""
+    names: set[bytes] = set()
+    for service in table.services:
+        if service.force_header is not None:
+            names.add(service.force_header)
+        if service.sticky_header is not None:
+            names.add(service.sticky_header)
+    return names
+
+
 class DataPlane:
     """What every client connection of this process shares."""
 
@@ -94,11 +105,13 @@ class DataPlane:
         "connections",
         "drained",
         "draining",
+        "header_kinds",
         "loop",
         "pools",
         "request_ids",
         "stats",
         "table",
+        "ticker",
     )
 
     def __init__(
@@ -115,11 +128,35 @@ class DataPlane:
         self.request_ids = RequestIds()
         self.draining = False
         self.drained = asyncio.Event()  # set once draining and nothing is in flight
+        self.header_kinds = wire.request_header_kinds(control_headers(table))
+        self.ticker: asyncio.TimerHandle | None = None
 
     def install(self, table: RouteTable) -> None:
         """Swap in a new routing snapshot; requests already placed keep their version."""
         self.table = table
+        self.header_kinds = wire.request_header_kinds(control_headers(table))
         self.pools.set_idle_timeout(table.settings.idle_timeout)
+
+    def start_ticker(self) -> None:
+        """Start checking every connection's deadlines (header, idle, response timeouts)."""
+        if self.ticker is None:
+            self.ticker = self.loop.call_later(self.tick_interval(), self._tick)
+
+    def stop_ticker(self) -> None:
+        if self.ticker is not None:
+            self.ticker.cancel()
+            self.ticker = None
+
+    def tick_interval(self) -> float:
+        settings = self.table.settings
+        shortest = min(settings.header_timeout, settings.response_timeout, settings.idle_timeout)
+        return min(MAX_TICK, max(MIN_TICK, shortest / TICKS_PER_TIMEOUT))
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.check_deadlines(now)
+        self.ticker = self.loop.call_later(self.tick_interval(), self._tick)
 
     def protocol(self) -> DownstreamProtocol:
         return DownstreamProtocol(self)
@@ -161,20 +198,23 @@ class Exchange:
         "done",
         "endpoint",
         "failure",
-        "headers",
         "host",
+        "host_line",
         "http_10",
         "keep_alive",
+        "lines",
         "method",
+        "named_by_connection",
         "out",
         "proto",
         "request_complete",
         "request_head",
         "request_sent",
+        "response_deadline",
         "response_started",
-        "response_timer",
         "retried",
         "route",
+        "special",
         "started_at",
         "stats",
         "status",
@@ -189,8 +229,13 @@ class Exchange:
         # Request, as parsed.
         self.method = b""
         self.url = b""
-        self.headers: list[tuple[bytes, bytes, bytes]] = []  # (lower-cased name, name, value)
+        # The head, sorted as it is parsed: lines forwarded verbatim, and the headers the proxy
+        # acts on as (kind, lower-cased name, name, value); see the kinds in `wire`.
+        self.lines: list[bytes] = []
+        self.special: list[tuple[int, bytes, bytes, bytes]] = []
         self.host: bytes | None = None
+        self.host_line = b""
+        self.named_by_connection: frozenset[bytes] = frozenset()
         self.http_10 = False
         self.keep_alive = True
         self.upgrade = False
@@ -213,7 +258,7 @@ class Exchange:
         self.connect_task: asyncio.Task[None] | None = None
         self.retried = False
         self.request_sent = False  # head and the whole body written to the upstream
-        self.response_timer: asyncio.TimerHandle | None = None
+        self.response_deadline = NEVER  # monotonic time by which the response must start
         # Response.
         self.response_started = False
         self.status = 0
@@ -293,68 +338,71 @@ class Exchange:
 
     def _build_upstream_head(self, route: ServiceRoute, peer: bytes, trusted_hops: int) -> bytes:
         """Pick the version and write the request head the upstream gets (SPEC §3, §7)."""
-        force_header = route.force_header
-        force_cookie = route.force_cookie
-        sticky_header = route.sticky_header
-        sticky_cookie = route.sticky_cookie
         force_value: bytes | None = None
         sticky_value: bytes | None = None
         cookies: list[bytes] = []
         xff: list[bytes] = []
-        connection: list[bytes] = []
         request_id: bytes | None = None
-        lines = [self.method, b" ", self.url, b" HTTP/1.1\r\n"]
-        kept: list[tuple[bytes, bytes]] = []
-        for lname, name, value in self.headers:
-            if lname in wire.HOP_BY_HOP:
-                if lname == _CONNECTION:
-                    connection.append(value)
-                continue
-            if lname == _COOKIE:
+        upgrade: bytes | None = None
+        lines = self.lines
+        if self.named_by_connection:
+            lines = wire.drop_named(lines, self.named_by_connection)
+        extra: list[bytes] = []
+        for kind, lname, name, value in self.special:
+            if kind == wire.CONTENT_LENGTH:
+                extra.append(name + b": " + value + b"\r\n")
+            elif kind == wire.COOKIE:
                 cookies.append(value)
-                continue
-            if lname in wire.REBUILT_REQUEST_HEADERS:
-                if lname == _XFF:
-                    xff.append(value)
-                elif lname == _REQUEST_ID and value:
+            elif kind == wire.FORWARDED_FOR:
+                xff.append(value)
+            elif kind == wire.REQUEST_ID:
+                if value:
                     request_id = value
-                continue
-            if lname == force_header:
-                force_value = value
-                continue
-            if lname == sticky_header:
-                sticky_value = value
-            kept.append((lname, name + b": " + value + b"\r\n"))
-        if connection:
-            # Headers the client declared hop-by-hop by naming them in Connection.
-            tokens = wire.connection_tokens(connection)
-            kept = [item for item in kept if item[0] not in tokens]
-        lines.extend(line for _, line in kept)
+            elif kind == wire.CONTROL:
+                if lname == route.force_header:
+                    force_value = value  # a control header never reaches the upstream
+                    continue
+                if lname == route.sticky_header:
+                    sticky_value = value
+                if lname not in self.named_by_connection:
+                    extra.append(name + b": " + value + b"\r\n")
+            elif kind == wire.UPGRADE:
+                upgrade = value
         force_cookie_value: bytes | None = None
         if cookies:
+            force_cookie = route.force_cookie
             if force_cookie is not None:
                 force_cookie_value = wire.cookie_value(cookies, force_cookie)
                 cookies = [wire.remove_cookie(c, force_cookie) for c in cookies]
-            if sticky_cookie is not None and sticky_value is None:
-                sticky_value = wire.cookie_value(cookies, sticky_cookie)
-            lines.extend(b"Cookie: " + c + b"\r\n" for c in cookies if c)
+            if route.sticky_cookie is not None and sticky_value is None:
+                sticky_value = wire.cookie_value(cookies, route.sticky_cookie)
+            extra.extend(b"Cookie: " + c + b"\r\n" for c in cookies if c)
         self.version = choose_version(route, force_value, force_cookie_value, sticky_value)
-        lines.append(b"X-Forwarded-For: " + wire.forwarded_for(xff, peer, trusted_hops) + b"\r\n")
-        lines.append(b"X-Forwarded-Proto: http\r\n")
-        if self.host is not None:
-            lines.append(b"X-Forwarded-Host: " + self.host + b"\r\n")
         if request_id is None:
             request_id = self.proto.plane.request_ids.next()
-        lines.append(b"X-Request-Id: " + request_id + b"\r\n")
+        forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % (
+            wire.forwarded_for(xff, peer, trusted_hops) if xff else peer
+        )
+        if self.host is not None:
+            forwarded += b"X-Forwarded-Host: " + self.host + b"\r\n"
+        forwarded += b"X-Request-Id: " + request_id + b"\r\n"
         if self.chunked_in:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        if self.upgrade:
-            for lname, _, value in self.headers:
-                if lname == _UPGRADE:
-                    lines.append(b"Connection: upgrade\r\nUpgrade: " + value + b"\r\n")
-                    break
-        lines.append(b"\r\n")
-        return b"".join(lines)
+            forwarded += b"Transfer-Encoding: chunked\r\n"
+        if self.upgrade and upgrade is not None:
+            forwarded += b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n"
+        return b"".join(
+            (
+                self.method,
+                b" ",
+                self.url,
+                b" HTTP/1.1\r\n",
+                self.host_line,
+                *lines,
+                *extra,
+                forwarded,
+                b"\r\n",
+            )
+        )
 
     def _dispatch(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -417,13 +465,11 @@ class Exchange:
 
     def _request_sent(self) -> None:
         self.request_sent = True
-        if not self.response_started and self.response_timer is None:
-            self.response_timer = self.proto.plane.loop.call_later(
-                self.proto.plane.table.settings.response_timeout, self._response_timed_out
-            )
+        if not self.response_started and self.response_deadline == NEVER:
+            self.response_deadline = time.monotonic() + self.proto.settings.response_timeout
 
-    def _response_timed_out(self) -> None:
-        self.response_timer = None
+    def response_timed_out(self) -> None:
+        self.response_deadline = NEVER
         if self.done or self.response_started:
             return
         self._count_upstream_error(Failure.UPSTREAM_TIMEOUT)
@@ -441,73 +487,51 @@ class Exchange:
         status = conn.status
         if status < 200 and status != 101:
             if not self.http_10:  # HTTP/1.0 clients cannot take interim responses
-                self.out.append(self._response_head(conn, interim=True))
+                self.out.append(self._response_head(conn, b"\r\n"))
             return
         if status == 101 and not self.upgrade:
             self.upstream_failed(conn, Failure.UPSTREAM_PROTOCOL)
             conn.abort()
             return
-        timer = self.response_timer
-        if timer is not None:
-            timer.cancel()
-            self.response_timer = None
+        self.response_deadline = NEVER
         self.status = status
         self.response_started = True
-        self.out.append(self._response_head(conn, interim=False))
+        self.out.append(self._response_head(conn, self._response_tail(conn)))
 
-    def _response_head(self, conn: UpstreamConnection, interim: bool) -> bytes:
+    def _response_head(self, conn: UpstreamConnection, tail: bytes) -> bytes:
+        lines = conn.lines
+        if conn.connection:
+            named = wire.named_by_connection(conn.connection)
+            if named:
+                lines = wire.drop_named(lines, named)
+        return b"".join((wire.status_line(conn.status, conn.reason or None), *lines, tail))
+
+    def _response_tail(self, conn: UpstreamConnection) -> bytes:
+        """The headers the proxy adds to a final response, and the blank line: framing,
+        Connection and the version header. Decides whether the client connection closes."""
         status = conn.status
-        lines = [wire.status_line(status, conn.reason or None)]
-        content_length = False
-        chunked = False
-        connection: list[bytes] = []
-        kept: list[tuple[bytes, bytes]] = []
-        for name, value in conn.headers:
-            lname = name.lower()
-            if lname in wire.HOP_BY_HOP:
-                if lname == _TRANSFER_ENCODING:
-                    chunked = True
-                elif lname == _CONNECTION:
-                    connection.append(value)
-                continue
-            if lname == _CONTENT_LENGTH:
-                content_length = True
-            kept.append((lname, name + b": " + value + b"\r\n"))
-        if connection:
-            tokens = wire.connection_tokens(connection)
-            kept = [item for item in kept if item[0] not in tokens]
-        lines.extend(line for _, line in kept)
-        if interim:
-            lines.append(b"\r\n")
-            return b"".join(lines)
-        conn.content_length = content_length
-        conn.chunked = chunked
+        tail = b""
         route = self.route
         version = self.version
         if route is not None and version is not None and route.version_header is not None:
-            lines.append(route.version_header + b": " + version.name_bytes + b"\r\n")
+            tail = route.version_header + b": " + version.name_bytes + b"\r\n"
         if status == 101:
-            for name, value in conn.headers:
-                if name.lower() == _UPGRADE:
-                    lines.append(b"Upgrade: " + value + b"\r\n")
-            lines.append(b"Connection: upgrade\r\n\r\n")
-            return b"".join(lines)
-        has_body = self.method != b"HEAD" and status not in _NO_BODY_STATUS
-        if has_body and not content_length:
+            upgrade = conn.upgrade or b""
+            return tail + b"Upgrade: " + upgrade + b"\r\nConnection: upgrade\r\n\r\n"
+        if self.method != b"HEAD" and status not in _NO_BODY_STATUS and not conn.content_length:
             if self.http_10:
                 self.close_after = True  # an HTTP/1.0 client reads to the end of the connection
             else:
                 self.chunked_out = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
+                tail += b"Transfer-Encoding: chunked\r\n"
         if self.upgrade:
             self.close_after = True  # the client may already be talking the refused protocol
         if self.close_after or not self.keep_alive or self.proto.plane.draining:
             self.close_after = True
-            lines.append(b"Connection: close\r\n")
-        elif self.http_10:
-            lines.append(b"Connection: keep-alive\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
+            return tail + b"Connection: close\r\n\r\n"
+        if self.http_10:
+            return tail + b"Connection: keep-alive\r\n\r\n"
+        return tail + b"\r\n"
 
     def upstream_body(self, data: bytes) -> None:
         self.out.append(wire.chunk(data) if self.chunked_out else data)
@@ -573,10 +597,7 @@ class Exchange:
 
     def _drop_upstream(self) -> None:
         """Cut the upstream side without reuse: the exchange is abandoned."""
-        timer = self.response_timer
-        if timer is not None:
-            timer.cancel()
-            self.response_timer = None
+        self.response_deadline = NEVER
         task = self.connect_task
         if task is not None:
             task.cancel()
@@ -592,10 +613,7 @@ class Exchange:
         Callers of settle(None) count why (client abort, drain cut) themselves.
         """
         self.done = True
-        timer = self.response_timer
-        if timer is not None:
-            timer.cancel()
-            self.response_timer = None
+        self.response_deadline = NEVER
         stats = self.stats
         if stats is None:
             return
@@ -610,6 +628,7 @@ class DownstreamProtocol(asyncio.Protocol):
     __slots__ = (
         "active",
         "closing",
+        "deadline",
         "early_bytes",
         "gate",
         "head_bytes",
@@ -620,7 +639,6 @@ class DownstreamProtocol(asyncio.Protocol):
         "pipeline",
         "plane",
         "settings",
-        "timer",
         "timer_kind",
         "transport",
         "tunnel",
@@ -634,7 +652,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.gate: ReadGate | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer = b""
-        self.timer: asyncio.TimerHandle | None = None
+        # One deadline per connection (request head, or keep-alive idle), checked by the
+        # plane's ticker.
+        self.deadline = NEVER
         self.timer_kind = 0
         self.active: Exchange | None = None  # the exchange whose response is being written
         self.parsing: Exchange | None = None  # the exchange whose request is being parsed
@@ -772,7 +792,12 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.head_bytes + len(ex.url) > self.settings.max_header_bytes:
             self._reject(Failure.HEADERS_TOO_LARGE)
             raise _StopParsing
-        ex.headers.append((name.lower(), name, value))
+        lname = name.lower()
+        kind = self.plane.header_kinds.get(lname)
+        if kind is None:
+            ex.lines.append(name + b": " + value + b"\r\n")
+        else:
+            ex.special.append((kind, lname, name, value))
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -821,14 +846,20 @@ class DownstreamProtocol(asyncio.Protocol):
         if line_bytes > self.settings.max_request_line_bytes:
             return Failure.URI_TOO_LONG
         hosts = 0
-        for lname, _, value in ex.headers:
-            if lname == _HOST:
+        connection: list[bytes] = []
+        for kind, _, name, value in ex.special:
+            if kind == wire.HOST:
                 hosts += 1
                 ex.host = value
-            elif lname == _TRANSFER_ENCODING:
+                ex.host_line = name + b": " + value + b"\r\n"
+            elif kind == wire.TRANSFER_ENCODING:
                 ex.chunked_in = True
-            elif lname == _CONTENT_LENGTH:
+            elif kind == wire.CONTENT_LENGTH:
                 ex.content_length = int(value)  # llhttp has checked it is a single number
+            elif kind == wire.CONNECTION:
+                connection.append(value)
+        if connection:
+            ex.named_by_connection = wire.named_by_connection(connection)
         if hosts > 1 or (hosts == 0 and not ex.http_10):
             return Failure.BAD_REQUEST
         if ex.chunked_in and ex.http_10:
@@ -989,20 +1020,24 @@ class DownstreamProtocol(asyncio.Protocol):
             self.gate.resume(reason)
 
     def _arm(self, kind: int, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         self.timer_kind = kind
-        self.timer = self.plane.loop.call_later(seconds, self._timed_out)
+        self.deadline = time.monotonic() + seconds
 
     def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = NEVER
         self.timer_kind = 0
+
+    def check_deadlines(self, now: float) -> None:
+        """Called by the plane's ticker: fire whatever deadline has passed."""
+        if self.deadline <= now:
+            self._timed_out()
+        active = self.active
+        if active is not None and active.response_deadline <= now:
+            active.response_timed_out()
 
     def _timed_out(self) -> None:
         kind = self.timer_kind
-        self.timer = None
+        self.deadline = NEVER
         self.timer_kind = 0
         if kind == _HEADER and self.parsing is not None and self.active is None:
             # A client that started a request head and trickles it: slowloris.

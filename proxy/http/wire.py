@@ -8,29 +8,73 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-# RFC 9110 §7.6.1 plus the de-facto ones: never forwarded in either direction. `Connection` can
-# name more, which are removed too (see `connection_tokens`).
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
-
-# Request headers the proxy rebuilds itself; what the client sent is consumed, never forwarded.
-REBUILT_REQUEST_HEADERS = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
-)
-
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
+
+# Kinds of headers the proxy handles itself (hop-by-hop ones per RFC 9110 §7.6.1 plus the
+# de-facto Keep-Alive and Proxy-Connection), looked up once per header by lower-cased name;
+# every header without a kind is forwarded verbatim.
+HOP = 1  # hop-by-hop: dropped
+CONNECTION = 2  # dropped, and the headers it names are dropped too
+TRANSFER_ENCODING = 3  # dropped; the proxy frames bodies itself
+UPGRADE = 4  # dropped, except on an Upgrade request and its 101 answer
+CONTENT_LENGTH = 5  # forwarded, and tells the framing
+HOST = 6  # forwarded unchanged, first; checked (missing or duplicate -> 400)
+COOKIE = 7  # forwarded, minus the force cookie
+FORWARDED_FOR = 8  # rebuilt from the socket peer
+REQUEST_ID = 9  # kept, or generated when absent
+REBUILT = 10  # X-Forwarded-Proto and X-Forwarded-Host: replaced
+CONTROL = 11  # some service's force or sticky header (see `request_header_kinds`)
+
+_HOP_KINDS = {
+    b"connection": CONNECTION,
+    b"keep-alive": HOP,
+    b"proxy-connection": HOP,
+    b"te": HOP,
+    b"trailer": HOP,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"upgrade": UPGRADE,
+    b"proxy-authenticate": HOP,
+    b"proxy-authorization": HOP,
+}
+RESPONSE_HEADER_KINDS: dict[bytes, int] = {**_HOP_KINDS, b"content-length": CONTENT_LENGTH}
+REQUEST_HEADER_KINDS: dict[bytes, int] = {
+    **_HOP_KINDS,
+    b"content-length": CONTENT_LENGTH,
+    b"host": HOST,
+    b"cookie": COOKIE,
+    b"x-forwarded-for": FORWARDED_FOR,
+    b"x-request-id": REQUEST_ID,
+    b"x-forwarded-proto": REBUILT,
+    b"x-forwarded-host": REBUILT,
+}
+
+# Connection options that name no header: they need no second pass over the headers.
+PLAIN_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b"upgrade"})
+
+
+def request_header_kinds(control_headers: set[bytes]) -> dict[bytes, int]:
+    """REQUEST_HEADER_KINDS plus the services' force and sticky headers (lower-cased)."""
+    kinds = dict(REQUEST_HEADER_KINDS)
+    for name in control_headers:
+        kinds.setdefault(name, CONTROL)
+    return kinds
+
+
+def header_line(name: bytes, value: bytes) -> bytes:
+    return name + b": " + value + b"\r\n"
+
+
+def named_by_connection(values: list[bytes]) -> frozenset[bytes]:
+    """Header names a message's Connection headers declare hop-by-hop (usually none)."""
+    if len(values) == 1 and values[0].lower() in PLAIN_CONNECTION_OPTIONS:
+        return frozenset()
+    return connection_tokens(values) - PLAIN_CONNECTION_OPTIONS
+
+
+def drop_named(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """`lines` (each "Name: value\\r\\n") without the headers called `names`."""
+    return [line for line in lines if line.partition(b":")[0].strip().lower() not in names]
 
 
 def reason_phrase(status: int) -> bytes:
@@ -41,8 +85,18 @@ def reason_phrase(status: int) -> bytes:
         return b"Unknown"
 
 
+_STATUS_LINES: dict[tuple[int, bytes | None], bytes] = {}
+_STATUS_LINE_CACHE_SIZE = 256  # distinct (status, reason) pairs remembered; upstreams use few
+
+
 def status_line(status: int, reason: bytes | None = None) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status))
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status))
+        if len(_STATUS_LINES) < _STATUS_LINE_CACHE_SIZE:
+            _STATUS_LINES[key] = line
+    return line
 
 
 def connection_tokens(values: list[bytes]) -> frozenset[bytes]:

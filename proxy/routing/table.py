@@ -34,11 +34,13 @@ class Cursor:
 class Endpoint:
     host: str
     port: int
+    # `host:port`, brackets around an IPv6 host, as in the config and the metrics labels. Also
+    # the pools' dict key: a str hashes once, a dataclass would hash its fields on every lookup.
+    key: str = field(init=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        """`host:port`, brackets around an IPv6 host, as in the config and the metrics labels."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        key = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        object.__setattr__(self, "key", key)
 
 
 @dataclass(frozen=True, slots=True)

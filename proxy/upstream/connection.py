@@ -15,6 +15,13 @@ import httptools
 
 from proxy.errors import Failure
 from proxy.http.flow import ReadGate, set_write_limits
+from proxy.http.wire import (
+    CONNECTION,
+    CONTENT_LENGTH,
+    RESPONSE_HEADER_KINDS,
+    TRANSFER_ENCODING,
+    UPGRADE,
+)
 
 if TYPE_CHECKING:
     from proxy.upstream.pool import UpstreamPool
@@ -44,13 +51,14 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "chunked",
+        "connection",
         "content_length",
         "exchanges",
         "gate",
         "generation",
         "head_only",
-        "headers",
         "idle_since",
+        "lines",
         "parser",
         "pool",
         "reason",
@@ -60,6 +68,7 @@ class UpstreamConnection(asyncio.Protocol):
         "status",
         "transport",
         "tunnel",
+        "upgrade",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -79,7 +88,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_started = False
         self.status = 0
         self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        # The response head, sorted as it is parsed: lines to forward verbatim, and the values
+        # the proxy acts on (hop-by-hop headers are in neither).
+        self.lines: list[bytes] = []
+        self.connection: list[bytes] = []
+        self.upgrade: bytes | None = None
         self.content_length = False
         self.chunked = False
 
@@ -156,7 +169,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        kind = RESPONSE_HEADER_KINDS.get(name.lower())
+        if kind is None:
+            self.lines.append(name + b": " + value + b"\r\n")
+        elif kind == CONTENT_LENGTH:
+            self.lines.append(name + b": " + value + b"\r\n")
+            self.content_length = True
+        elif kind == TRANSFER_ENCODING:
+            self.chunked = True
+        elif kind == CONNECTION:
+            self.connection.append(value)
+        elif kind == UPGRADE:
+            self.upgrade = value
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -245,7 +269,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_started = False
         self.status = 0
         self.reason = b""
-        self.headers = []
+        self.lines = []
+        self.connection = []
+        self.upgrade = None
         self.content_length = False
         self.chunked = False
 

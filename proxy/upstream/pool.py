@@ -109,13 +109,13 @@ class UpstreamPools:
     def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float) -> None:
         self.loop = loop
         self.idle_timeout = idle_timeout
-        self.pools: dict[Endpoint, UpstreamPool] = {}
+        self.pools: dict[str, UpstreamPool] = {}  # by endpoint key
         self._sweeper: asyncio.TimerHandle | None = None
 
     def get(self, endpoint: Endpoint) -> UpstreamPool:
-        pool = self.pools.get(endpoint)
+        pool = self.pools.get(endpoint.key)
         if pool is None:
-            pool = self.pools[endpoint] = UpstreamPool(self.loop, endpoint, self.idle_timeout)
+            pool = self.pools[endpoint.key] = UpstreamPool(self.loop, endpoint, self.idle_timeout)
             if self._sweeper is None:
                 self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         return pool
@@ -127,7 +127,7 @@ class UpstreamPools:
 
     def retire(self, endpoints: set[Endpoint]) -> None:
         for endpoint in endpoints:
-            pool = self.pools.get(endpoint)
+            pool = self.pools.get(endpoint.key)
             if pool is not None:
                 pool.retire()
 
