@@ -721,9 +721,14 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._reject(Failure.HEADERS_TOO_LARGE)
 
     def eof_received(self) -> bool | None:
-        # A half-closed client may still read the answers to what it sent: keep writing them.
-        if self.active is None and self.parsing is None:
+        active = self.active
+        if active is None and self.parsing is None:
             return None
+        if active is not None and not active.response_started:
+            # A client that leaves before its answer started cancels the exchange (what nginx
+            # logs as 499): returning None closes the transport, and connection_lost cancels.
+            return None
+        # The answer is on its way: a half-closed client may still read it.
         self.closing = True
         return True
 
