@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from tests.helpers import (
     Client,
     ReceivedRequest,
     RecordingUpstream,
+    Response,
     RunningProxy,
     get,
     ok_response,
@@ -58,15 +60,103 @@ async def ups() -> AsyncIterator[Upstreams]:
     await green.stop()
 
 
-async def rejected(proxy: RunningProxy, data: bytes, status: int) -> Client:
-    """Send `data` on a fresh connection: the proxy answers `status` and closes."""
+class Responses:
+    """The responses on one client connection, in order, however their bytes are split.
+
+    `Client.response()` feeds a whole read to one parser, so answers that arrive in one segment
+    (pipelining, or a local answer followed by anything else) would be merged; this keeps one
+    parser for the connection and counts every response that even began.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.reader = client.reader
+        self.parser = httptools.HttpResponseParser(self)
+        self.ready: deque[Response] = deque()
+        self.begun = 0  # final responses whose first byte arrived
+        self.taken = 0
+        self.eof = False
+        self.invalid = False  # bytes that are not an HTTP response arrived
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body = b""
+        self._headers_done = False
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+        self._headers = []
+        self._body = b""
+        self._headers_done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            self.begun -= 1  # interim: not an answer of its own
+            return
+        self.ready.append(Response(status, self._headers, self._body, True))
+
+    async def _read(self) -> None:
+        try:
+            data = await self.reader.read(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.eof = True
+            return
+        if self.invalid:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.invalid = True
+
+    async def next(self, timeout: float = 5.0) -> Response:
+        """The next final response; `complete` is False if the connection ended inside it."""
+        async with asyncio.timeout(timeout):
+            while not self.ready and not self.eof and not self.invalid:
+                await self._read()
+        if self.ready:
+            self.taken += 1
+            return self.ready.popleft()
+        if self._headers_done and self.begun > self.taken:
+            self.taken += 1
+            status = self.parser.get_status_code()
+            return Response(status, self._headers, self._body, False)
+        raise ConnectionError("connection ended before a response head")
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        """True once the proxy has closed the connection; what else came is in `unread`."""
+        async with asyncio.timeout(timeout):
+            while not self.eof:
+                await self._read()
+        return True
+
+    @property
+    def unread(self) -> int:
+        """Responses (or bytes that are none) that arrived but were not taken by `next`."""
+        return self.begun - self.taken + self.invalid
+
+
+async def rejected(proxy: RunningProxy, data: bytes, status: int) -> Responses:
+    """Send `data` on a fresh connection: the proxy answers `status`, then closes, nothing else."""
     client = await proxy.client()
-    response = await client.request(data)
+    responses = Responses(client)
+    with contextlib.suppress(ConnectionError):
+        await client.send(data)
+    response = await responses.next()
     assert response.status == status
     assert response.complete
-    assert await client.closed()
+    assert await responses.closed()
+    assert responses.unread == 0
     await client.close()
-    return client
+    return responses
 
 
 async def trickle(client: Client, data: bytes, interval: float) -> None:
@@ -193,11 +283,12 @@ async def test_unknown_coding_before_chunked_is_refused_not_silently_dropped(
     # upstream a gzip-coded body as if it were plain: RFC 9112 §6.1 says refuse (501; 400 is ok).
     async with running_proxy(ups.config()) as proxy:
         client = await proxy.client()
-        response = await client.request(
-            post(b"5\r\nhello\r\n0\r\n\r\n", "Transfer-Encoding: gzip, chunked\r\n")
-        )
+        responses = Responses(client)
+        await client.send(post(b"5\r\nhello\r\n0\r\n\r\n", "Transfer-Encoding: gzip, chunked\r\n"))
+        response = await responses.next()
         assert response.status in (400, 501)
-        assert await client.closed()
+        assert await responses.closed()
+        assert responses.unread == 0
         await client.close()
     assert ups.received() == []
 
@@ -244,11 +335,14 @@ async def test_bad_chunk_framing_mid_body_never_completes_the_upstream_body(bad:
         await client.send(post(b"5\r\nfirst\r\n", CHUNKED))
         async with asyncio.timeout(5):
             await capture.head.wait()  # the head (and maybe the first chunk) went upstream
-        await client.send(bad + b"0\r\n\r\n" + SMUGGLED)
+        responses = Responses(client)
         with contextlib.suppress(ConnectionError):
-            response = await client.response()
+            await client.send(bad + b"0\r\n\r\n" + SMUGGLED)
+        with contextlib.suppress(ConnectionError):  # no answer at all is fine: it was cut
+            response = await responses.next()
             assert response.status == 400
-        assert await client.closed()
+        assert await responses.closed()
+        assert responses.unread == 0
         async with asyncio.timeout(5):
             await capture.eof.wait()  # the upstream side of the broken exchange is dropped
         await client.close()
@@ -257,9 +351,7 @@ async def test_bad_chunk_framing_mid_body_never_completes_the_upstream_body(bad:
     assert b"/smuggled" not in capture.data
 
 
-async def test_bad_chunk_after_response_started_cuts_the_response_instead_of_appending_400() -> (
-    None
-):
+async def test_bad_chunk_after_the_response_started_cuts_it_without_a_400() -> None:
     # The upstream answers as soon as it has the head; the client's body then turns out broken.
     # The response in progress must be cut, never continued with the proxy's own "400" bytes.
     capture = Capture(answer=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
@@ -403,13 +495,15 @@ async def test_request_line_over_the_limit_is_414(ups: Upstreams, length: int) -
 async def test_endless_request_target_in_several_writes_is_414(ups: Upstreams) -> None:
     async with running_proxy(ups.config(top=LINE_LIMIT)) as proxy:
         client = await proxy.client()
+        responses = Responses(client)
         await client.send(b"GET /" + b"a" * 600)
         for _ in range(3):
             with contextlib.suppress(ConnectionError):
                 await client.send(b"a" * 600)
-        response = await client.response()
+        response = await responses.next()
         assert response.status == 414
-        assert await client.closed()
+        assert await responses.closed()
+        assert responses.unread == 0
         await client.close()
     assert ups.received() == []
 
@@ -440,6 +534,7 @@ async def test_one_endless_header_value_in_several_writes_is_431_not_buffered(
 ) -> None:
     async with running_proxy(ups.config(top=HEADER_LIMIT)) as proxy:
         client = await proxy.client()
+        responses = Responses(client)
 
         async def endless() -> None:
             await client.send(b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: " + b"v" * 400)
@@ -452,9 +547,10 @@ async def test_one_endless_header_value_in_several_writes_is_431_not_buffered(
 
         sender = asyncio.create_task(endless())
         try:
-            response = await client.response(timeout=3)
+            response = await responses.next(timeout=3)
             assert response.status == 431
-            assert await client.closed(timeout=3)
+            assert await responses.closed(timeout=3)
+            assert responses.unread == 0
         finally:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -501,6 +597,7 @@ async def test_streamed_chunked_body_over_the_limit_never_completes_upstream() -
         running_proxy(capture_config(endpoint, BODY_LIMIT)) as proxy,
     ):
         client = await proxy.client()
+        responses = Responses(client)
         chunk = b"200\r\n" + b"b" * 512 + b"\r\n"
         await client.send(post(chunk, CHUNKED))
         async with asyncio.timeout(5):
@@ -508,9 +605,10 @@ async def test_streamed_chunked_body_over_the_limit_never_completes_upstream() -
         with contextlib.suppress(ConnectionError):
             await client.send(chunk * 2 + b"0\r\n\r\n" + SMUGGLED)
         with contextlib.suppress(ConnectionError):
-            response = await client.response()
+            response = await responses.next()
             assert response.status == 413
-        assert await client.closed()
+        assert await responses.closed()
+        assert responses.unread == 0
         async with asyncio.timeout(5):
             await capture.eof.wait()
         await client.close()
@@ -528,14 +626,16 @@ HEADER_TIMEOUT = "timeouts: {header: 300ms}"
 async def test_trickled_request_head_gets_408_and_is_closed(ups: Upstreams) -> None:
     async with running_proxy(ups.config(top=HEADER_TIMEOUT)) as proxy:
         client = await proxy.client()
+        responses = Responses(client)
         loop = asyncio.get_running_loop()
         started = loop.time()
         head = get(extra="X-Slow: " + "s" * 200 + "\r\n")  # ~12 s at 50 ms a byte
         sender = asyncio.create_task(trickle(client, head, 0.05))
         try:
-            response = await client.response(timeout=3)
+            response = await responses.next(timeout=3)
             assert response.status == 408
-            assert await client.closed(timeout=2)
+            assert await responses.closed(timeout=2)
+            assert responses.unread == 0
         finally:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -548,9 +648,11 @@ async def test_trickled_request_head_gets_408_and_is_closed(ups: Upstreams) -> N
 async def test_silent_connection_is_closed(ups: Upstreams) -> None:
     async with running_proxy(ups.config(top=HEADER_TIMEOUT)) as proxy:
         client = await proxy.client()
+        responses = Responses(client)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        assert await client.closed(timeout=2)
+        assert await responses.closed(timeout=2)
+        assert responses.unread == 0
         assert loop.time() - started < 1.5
         await client.close()
     assert ups.received() == []
@@ -563,28 +665,29 @@ async def test_pipelined_head_trickled_behind_a_slow_request_still_times_out() -
     release = asyncio.Event()
 
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request_head(reader)
-            await release.wait()
-            writer.write(ok_response())
-            await writer.drain()
+        await read_request_head(reader)
+        await release.wait()
+        writer.write(ok_response(extra=b"Connection: close\r\n"))
+        await writer.drain()
 
     async with (
         raw_upstream(slow) as endpoint,
         running_proxy(capture_config(endpoint, HEADER_TIMEOUT)) as proxy,
     ):
         client = await proxy.client()
+        responses = Responses(client)
         await client.send(get("/1"))
         head = get("/2", extra="X-Slow: " + "s" * 200 + "\r\n")
         sender = asyncio.create_task(trickle(client, head, 0.05))
         try:
             await asyncio.sleep(0.6)  # the slow upstream: twice the header timeout
             release.set()
-            first = await client.response()
+            first = await responses.next()
             assert first.status == 200
-            second = await client.response(timeout=2)
+            second = await responses.next(timeout=2)
             assert second.status == 408
-            assert await client.closed(timeout=2)
+            assert await responses.closed(timeout=2)
+            assert responses.unread == 0
         finally:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -646,10 +749,12 @@ async def test_local_answer_with_unread_bytes_never_runs_a_smuggled_request(
 ) -> None:
     async with running_proxy(ups.config(top=top, service=service)) as proxy:
         client = await proxy.client()
+        responses = Responses(client)
         await client.send(data)
-        response = await client.response()
+        response = await responses.next()
         assert response.status == status
-        assert await client.closed()
+        assert await responses.closed()
+        assert responses.unread == 0
         await client.close()
     assert ups.received() == []
 
@@ -859,12 +964,14 @@ async def test_connection_over_the_limit_gets_503_and_is_closed(ups: Upstreams) 
         assert (await first.request(get("/1"))).status == 200
         assert (await second.request(get("/2"))).status == 200
         third = await proxy.client()
+        responses = Responses(third)
         with contextlib.suppress(ConnectionError):
             await third.send(get("/3"))
-        response = await third.response()
+        response = await responses.next()
         assert response.status == 503
         assert response.header("Retry-After") is not None
-        assert await third.closed()
+        assert await responses.closed()
+        assert responses.unread == 0
         await third.close()
         assert (await first.request(get("/4"))).status == 200
         assert (await second.request(get("/5"))).status == 200
@@ -886,17 +993,19 @@ async def test_connection_over_the_limit_gets_503_and_is_closed(ups: Upstreams) 
     ],
     ids=["obs-fold", "cl-and-te", "no-host"],
 )
-async def test_pipelined_good_requests_are_answered_in_order_before_the_400(
-    ups: Upstreams, bad: bytes
-) -> None:
-    async with running_proxy(ups.config()) as proxy:
+async def test_pipelined_good_requests_are_answered_in_order_before_the_400(bad: bytes) -> None:
+    blue = await RecordingUpstream("blue", responder=lambda r: ok_response(r.url)).start()
+    async with running_proxy(two_version_config(blue.endpoint, blue.endpoint, 100, 0)) as proxy:
         client = await proxy.client()
+        responses = Responses(client)
         await client.send(get("/1") + get("/2") + bad + SMUGGLED)
-        for _ in ("/1", "/2"):
-            response = await client.response()
-            assert response.status == 200
-        response = await client.response()
+        for path in (b"/1", b"/2"):
+            response = await responses.next()
+            assert (response.status, response.body, response.complete) == (200, path, True)
+        response = await responses.next()
         assert response.status == 400
-        assert await client.closed()
+        assert await responses.closed()
+        assert responses.unread == 0
         await client.close()
-    assert [r.url for r in ups.blue.requests] == [b"/1", b"/2"]
+    assert [r.url for r in blue.requests] == [b"/1", b"/2"]
+    await blue.stop()

@@ -49,8 +49,8 @@ MAX_BUFFERED_BODY = 64 * 1024
 # Bytes a client may send after an Upgrade request before the upstream has answered it.
 MAX_UPGRADE_EARLY_BYTES = 64 * 1024
 
-# Slack for the method, spaces and "HTTP/1.1" around the target when sizing the request line.
-REQUEST_LINE_OVERHEAD = 16
+# The two spaces and "HTTP/1.1" around method and target in a request line.
+REQUEST_LINE_OVERHEAD = 10
 
 _HEADER = 1
 _IDLE = 2
@@ -234,7 +234,8 @@ class Exchange:
         self.lines: list[bytes] = []
         self.special: list[tuple[int, bytes, bytes, bytes]] = []
         self.host: bytes | None = None
-        self.host_line = b""
+        # Without a Host (HTTP/1.0), an empty one: RFC 9112 §3.2, for the HTTP/1.1 upstream.
+        self.host_line = b"Host: \r\n"
         self.named_by_connection: frozenset[bytes] = frozenset()
         self.http_10 = False
         self.keep_alive = True
@@ -786,7 +787,8 @@ class DownstreamProtocol(asyncio.Protocol):
         ex = self.parsing
         assert ex is not None
         ex.url += url
-        if len(ex.url) + REQUEST_LINE_OVERHEAD > self.settings.max_request_line_bytes:
+        line_bytes = len(ex.url) + len(self.parser.get_method()) + REQUEST_LINE_OVERHEAD
+        if line_bytes > self.settings.max_request_line_bytes:
             self._reject(Failure.URI_TOO_LONG)
             raise _StopParsing
 
@@ -858,6 +860,10 @@ class DownstreamProtocol(asyncio.Protocol):
                 ex.host = value
                 ex.host_line = name + b": " + value + b"\r\n"
             elif kind == wire.TRANSFER_ENCODING:
+                # llhttp accepts any codings that end in chunked; the proxy forwards the body
+                # re-chunked and cannot carry other codings, so it refuses them.
+                if value.strip().lower() != b"chunked":
+                    return Failure.BAD_REQUEST
                 ex.chunked_in = True
             elif kind == wire.CONTENT_LENGTH:
                 ex.content_length = int(value)  # llhttp has checked it is a single number
@@ -908,10 +914,15 @@ class DownstreamProtocol(asyncio.Protocol):
         """Answer `ex` ourselves. Without its whole body read, the connection must close."""
         if ex.done:
             return
+        if ex.response_started:
+            # Part of the upstream's answer is out: the only honest end is a cut connection.
+            self.abort(ex)
+            return
         ex._drop_upstream()
         close = (
             ex.close_after
             or ex.body_unread()
+            or ex.upgrade  # the bytes after an Upgrade request are not parsed as HTTP
             or not ex.keep_alive
             or failure.status in (400, 405, 408, 413, 414, 431)
             or self.plane.draining
@@ -1044,14 +1055,10 @@ class DownstreamProtocol(asyncio.Protocol):
         kind = self.timer_kind
         self.deadline = NEVER
         self.timer_kind = 0
-        if kind == _HEADER and self.parsing is not None and self.active is None:
-            # A client that started a request head and trickles it: slowloris.
-            self.closing = True
-            ex = self.parsing
-            self.parsing = None
-            self.active = ex
-            ex.close_after = True
-            self.answer(ex, Failure.HEADER_TIMEOUT)
+        if kind == _HEADER and self.parsing is not None and not self.parsing.method:
+            # A client that started a request head and trickles it (slowloris): 408 in its
+            # turn, behind any answer still owed on this connection, then close.
+            self._reject(Failure.HEADER_TIMEOUT)
             return
         if self.active is None and not self.pipeline:
             self.close()
