@@ -8,6 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from proxy.client import add_client_commands
+
 DEFAULT_CONFIG = "config/laneswitch.yaml"
 
 
@@ -42,11 +44,18 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from proxy.config.loader import ConfigError, load_config
+    from pathlib import Path
+
+    from proxy.config.loader import ConfigError, parse_config
 
     _setup_logging()
+    path = str(args.config)
     try:
-        config = load_config(args.config)
+        text = Path(path).read_text(encoding="utf-8")
+        config = parse_config(text, source=path)
+    except OSError as exc:
+        print(f"{path}: cannot read the config file: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -54,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from proxy.runtime import run_forever
     from proxy.server import run
 
-    return run_forever(run(config))
+    return run_forever(run(config, config_path=path, config_text=text))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -82,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="two demo upstreams (blue, green) behind a proxy")
     demo.set_defaults(func=cmd_demo)
+
+    add_client_commands(sub)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the config file")
     schema.set_defaults(func=cmd_schema)

@@ -6,7 +6,9 @@ same objects at their own pace, so a request never pays for a label lookup or a 
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
+from collections import deque
 from dataclasses import dataclass
 
 # Upper bounds (seconds) of the latency histogram buckets; +Inf is implied after the last one.
@@ -134,3 +136,67 @@ class StatsRegistry:
 
     def all(self) -> list[VersionStats]:
         return list(self._stats.values())
+
+
+def quantile(buckets: tuple[int, ...] | list[int], q: float) -> float | None:
+    """The q-quantile (0 < q <= 1), in seconds, of per-bucket counts over LATENCY_BUCKETS.
+
+    Interpolates linearly inside the bucket, as Prometheus' histogram_quantile does, so a few
+    samples never give NaN; a quantile in the +Inf bucket is reported as the last finite bound.
+    None when there are no samples.
+    """
+    total = sum(buckets)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    lower = 0.0
+    for index, count in enumerate(buckets):
+        if index >= len(LATENCY_BUCKETS):
+            return LATENCY_BUCKETS[-1]
+        upper = LATENCY_BUCKETS[index]
+        if count and seen + count >= rank:
+            return lower + (upper - lower) * (rank - seen) / count
+        seen += count
+        lower = upper
+    return LATENCY_BUCKETS[-1]
+
+
+def success_rate(requests: dict[int, int]) -> float | None:
+    """% of responses that are not 5xx; None without responses."""
+    total = sum(requests.values())
+    if total == 0:
+        return None
+    errors = sum(count for code, count in requests.items() if code >= 500)
+    return 100.0 * (total - errors) / total
+
+
+class MetricsWindow:
+    """Recent history of every version's counters, for "the last minute" views.
+
+    `sample()` (called every `step` seconds by the control plane) keeps snapshots for `seconds`;
+    `delta()` is what happened between the oldest kept snapshot and now.
+    """
+
+    def __init__(self, stats: StatsRegistry, seconds: float = 60.0, step: float = 5.0) -> None:
+        self.stats = stats
+        self.seconds = seconds
+        self.step = step
+        # Snapshots kept: one per step over the window, plus one.
+        self._samples: deque[tuple[float, dict[tuple[str, str], StatsSnapshot]]] = deque(
+            maxlen=int(seconds / step) + 1
+        )
+
+    def sample(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        snapshots = {(s.service, s.version): s.snapshot() for s in self.stats.all()}
+        self._samples.append((now, snapshots))
+
+    def delta(self, service: str, version: str) -> StatsSnapshot | None:
+        """Counters of the window (None when nothing was ever counted for the version)."""
+        current = self.stats.get(service, version).snapshot()
+        if not self._samples:
+            return current if current.total or current.client_aborts else None
+        _, oldest = self._samples[0]
+        earlier = oldest.get((service, version))
+        return current if earlier is None else current - earlier

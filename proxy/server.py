@@ -1,8 +1,11 @@
-"""Wiring: config -> route table -> data plane listeners; signals and the graceful stop.
+"""Wiring: config -> control plane -> data plane listeners, admin API, health checks, reloads,
+signals and the graceful stop.
 
-`Server` owns one process's data plane. It binds the listeners, swaps route tables in, and on
-stop closes the listeners, lets in-flight exchanges finish within `drain_timeout` and then cuts
-what is left, counting every cut request against its version.
+Start-up order matters to a load balancer in front: the admin API comes up first (so /healthz
+answers and /readyz says 503), then the first round of health checks, then the data listeners;
+/readyz turns 200 only then. On stop it is the reverse: /readyz goes 503, the listeners close,
+keep-alive clients are told `Connection: close`, in-flight work gets `drain_timeout`, then what is
+left is cut and counted.
 """
 
 from __future__ import annotations
@@ -12,11 +15,16 @@ import contextlib
 import logging
 import signal
 
+from proxy.admin.server import AdminServer, start_admin
 from proxy.config.model import Config, parse_endpoint
+from proxy.control import ControlPlane
+from proxy.health import HealthChecker, targets_from_config
 from proxy.http.protocol import DataPlane
 from proxy.metrics import StatsRegistry
 from proxy.routing.build import build_table
 from proxy.routing.table import RouteTable
+from proxy.state import load_state
+from proxy.watch import ConfigWatcher
 
 log = logging.getLogger("laneswitch")
 
@@ -25,12 +33,25 @@ LISTEN_BACKLOG = 1024
 
 
 class Server:
-    def __init__(self, config: Config, stats: StatsRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        stats: StatsRegistry | None = None,
+        *,
+        config_path: str | None = None,
+        config_text: str = "",
+    ) -> None:
         self.config = config
         self.loop = asyncio.get_running_loop()
-        self.generation = 1
-        self.plane = DataPlane(self.loop, build_table(config, generation=self.generation), stats)
+        self.plane = DataPlane(self.loop, build_table(config, generation=1), stats)
+        self.control = ControlPlane(
+            config, self.plane, self.plane.stats, config_path=config_path, config_text=config_text
+        )
         self.listeners: list[asyncio.Server] = []
+        self.admin: AdminServer | None = None
+        self.health: HealthChecker | None = None
+        self.watcher: ConfigWatcher | None = None
+        self._sampler: asyncio.TimerHandle | None = None
 
     @property
     def table(self) -> RouteTable:
@@ -38,7 +59,7 @@ class Server:
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        """The bound (host, port) of every listener (useful with port 0)."""
+        """The bound (host, port) of every data listener (useful with port 0)."""
         found: list[tuple[str, int]] = []
         for listener in self.listeners:
             for sock in listener.sockets:
@@ -46,39 +67,98 @@ class Server:
                 found.append((host, port))
         return found
 
-    async def start(self) -> None:
-        for address in self.config.listen:
+    @property
+    def admin_port(self) -> int | None:
+        return self.admin.port if self.admin is not None else None
+
+    async def start(self, *, admin: bool = True, watch: bool = True) -> None:
+        config = self.config
+        control = self.control
+        if config.state_file is not None:
+            state = await asyncio.to_thread(load_state, config.state_file)
+            if state is not None:
+                control.restore(state)
+                log.info("runtime state restored from %s", config.state_file)
+        if admin:
+            admin_cfg = config.admin
+            self.admin = await start_admin(
+                control, admin_cfg.listen, admin_cfg.token, admin_cfg.metrics_public
+            )
+            log.info("admin API on %s:%d", parse_endpoint(admin_cfg.listen)[0], self.admin.port)
+        await self._start_health()
+        control.config_listeners.append(self._config_changed)
+        for address in config.listen:
             host, port = parse_endpoint(address)
             listener = await self.loop.create_server(
                 self.plane.protocol, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
             )
             self.listeners.append(listener)
         self.plane.start_ticker()
+        control.listening = True
+        self._sample_window()
+        if watch and control.config_path is not None:
+            self.watcher = ConfigWatcher(control.config_path, self._reload_from_file)
+            self.watcher.start()
         log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in self.addresses))
 
-    def install(self, table: RouteTable) -> None:
-        self.plane.install(table)
+    async def _start_health(self) -> None:
+        targets = targets_from_config(self.config)
+        self.health = HealthChecker(self.control.set_health)
+        self.health.configure(targets)
+        if targets:
+            self.control.health_ready = False
+            await self.health.start()
+            log.info(
+                "first health round: %d of %d endpoints healthy",
+                len(targets) - len(self.health.unhealthy),
+                len(targets),
+            )
+
+    def _config_changed(self, config: Config) -> None:
+        self.config = config
+        if self.health is not None:
+            targets = targets_from_config(config)
+            self.health.configure(targets)
+            if targets:
+                self.loop.create_task(self.health.start())
+
+    async def _reload_from_file(self) -> None:
+        await self.control.reload(actor="config")
+
+    def _sample_window(self) -> None:
+        self.control.window.sample()
+        self._sampler = self.loop.call_later(self.control.window.step, self._sample_window)
 
     async def stop(self, drain_timeout: float | None = None) -> int:
         """Stop accepting, drain, cut what is left. Returns how many requests were cut."""
         if drain_timeout is None:
             drain_timeout = self.config.drain_timeout
+        self.control.draining = True
         for listener in self.listeners:
             listener.close()
+        if self.watcher is not None:
+            await self.watcher.stop()
         self.plane.begin_drain()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.plane.drained.wait(), drain_timeout)
         cut = self.plane.cut_all()
         self.plane.stop_ticker()
         self.plane.pools.close()
+        self.control.close()
+        if self._sampler is not None:
+            self._sampler.cancel()
+        if self.health is not None:
+            await self.health.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         for listener in self.listeners:
             await listener.wait_closed()
         return cut
 
 
-async def run(config: Config) -> None:
-    """Run the proxy of `config` until SIGTERM/SIGINT."""
-    server = Server(config)
+async def run(config: Config, config_path: str | None = None, config_text: str = "") -> None:
+    """Run the proxy of `config` until SIGTERM/SIGINT; SIGHUP reloads the config file."""
+    server = Server(config, config_path=config_path, config_text=config_text)
     await server.start()
     await serve_until_signalled(server)
 
@@ -100,12 +180,16 @@ async def serve_until_signalled(server: Server) -> None:
             server.plane.cut_all()
             raise SystemExit(0)
 
+    def on_hangup() -> None:
+        server.loop.create_task(server.control.reload(actor="admin"))
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         server.loop.add_signal_handler(signum, on_signal, signum)
+    server.loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await stop.wait()
         cut = await server.stop()
         log.info("stopped (%d request(s) cut at the drain timeout)", cut)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             server.loop.remove_signal_handler(signum)

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import Client, RecordingUpstream, get
+from tests.helpers import Client, RecordingUpstream, get, raw_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,3 +152,55 @@ async def test_demo_serves_blue_and_green_and_stops_on_ctrl_c() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_sigterm_under_load_answers_every_in_flight_request(tmp_path: Path) -> None:
+    arrived = 0
+    all_arrived = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal arrived
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            arrived += 1
+            if arrived == 10:
+                all_arrived.set()
+            await asyncio.sleep(0.5)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+            await writer.drain()
+
+    async with raw_upstream(slow) as upstream:
+        config = tmp_path / "laneswitch.yaml"
+        config.write_text(
+            f"""
+listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0}}
+drain_timeout: 3s
+services:
+  shop:
+    versions:
+      v1: {{endpoints: ["{upstream}"], weight: 100}}
+"""
+        )
+        process = await asyncio.create_subprocess_exec(
+            *command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            assert process.stderr is not None
+            line = await wait_for_line(process.stderr, r"listening on 127\.0\.0\.1:(\d+)")
+            port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))  # type: ignore[union-attr]
+            clients = [await Client.connect(port) for _ in range(10)]
+            for client in clients:
+                await client.send(get())
+            await asyncio.wait_for(all_arrived.wait(), 5)
+            stopped_at = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            responses = await asyncio.gather(*(client.response() for client in clients))
+            assert [r.status for r in responses] == [200] * 10
+            assert all(r.header("Connection") == b"close" for r in responses)
+            assert await asyncio.wait_for(process.wait(), 3 + 1) == 0
+            assert time.monotonic() - stopped_at < 3 + 1
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()

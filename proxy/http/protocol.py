@@ -175,6 +175,24 @@ class DataPlane:
     def in_flight(self) -> int:
         return sum(conn.busy() for conn in self.connections)
 
+    def cut_version(self, service: str, version: str, started_before: float) -> int:
+        """Cut the requests still in flight on `service`/`version` that started before the
+        drain began (monotonic time); each is counted in the version's drain_cut."""
+        cut = 0
+        for conn in list(self.connections):
+            ex = conn.active
+            if (
+                ex is not None
+                and not ex.done
+                and ex.route is not None
+                and ex.version is not None
+                and ex.route.name == service
+                and ex.version.name == version
+                and ex.started_at <= started_before
+            ):
+                cut += conn.cut()
+        return cut
+
     def cut_all(self) -> int:
         """Abort every connection still busy (the drain timed out); count each cut request."""
         cut = 0

@@ -1,0 +1,226 @@
+"""The admin API (SPEC §4): JSON over HTTP, served by aiohttp off the request path.
+
+Handlers only translate HTTP to `ControlPlane` calls and back: the control plane decides, records
+the event and raises `ControlError(status, message)` on a refusal, whose status is sent as is.
+Every error answer is JSON `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from proxy.admin.metrics import metrics_registry, render
+from proxy.control import ControlError, ControlPlane
+
+log = logging.getLogger("laneswitch.admin")
+
+# Admin bodies are a few hundred bytes; this bounds what a client can make the proxy buffer.
+MAX_BODY_BYTES = 64 * 1024
+
+# Calls a load balancer or orchestrator makes without credentials.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+ACTOR = "admin"
+
+CONTROL: web.AppKey[ControlPlane] = web.AppKey("control", ControlPlane)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=BaseModel)
+
+
+# -- request bodies -------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    # Unknown keys are errors (usually typos); no coercion: "yes" is not a bool, "10" not an int.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SwitchBody(_Body):
+    to: str
+    force: bool = False
+    dry_run: bool = False
+
+
+class WeightsBody(_Body):
+    weights: dict[str, int]
+
+
+def error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+class BadBody(Exception):
+    """The request body is not JSON or not the expected shape: a 400 with `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def read_body(request: web.Request, model: type[M]) -> M:
+    raw = await request.read()
+    try:
+        data = json.loads(raw) if raw.strip() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadBody(f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadBody("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadBody("; ".join(_describe(err) for err in exc.errors())) from None
+
+
+def _describe(err: Any) -> str:
+    loc = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    return f"{loc}: {err['msg']}" if loc else str(err["msg"])
+
+
+# -- middleware -----------------------------------------------------------------------------------
+
+
+def auth_middleware(token: str | None, metrics_public: bool) -> Any:
+    """Bearer-token check for every call but the public ones; a refusal changes nothing."""
+    public = PUBLIC_PATHS | ({"/metrics"} if metrics_public else set())
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is None or request.path in public:
+            return await handler(request)
+        provided = request.headers.get("Authorization", "")
+        scheme, _, credentials = provided.partition(" ")
+        # The scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time.
+        candidate = f"Bearer {credentials.strip()}".encode() if scheme.lower() == "bearer" else b""
+        if not hmac.compare_digest(candidate, expected):
+            reason = "missing bearer token" if not provided else "invalid bearer token"
+            response = error(401, reason)
+            response.headers["WWW-Authenticate"] = 'Bearer realm="laneswitch"'
+            return response
+        return await handler(request)
+
+    return check
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (404 route, 405, 413) and refused control calls, as JSON."""
+    try:
+        return await handler(request)
+    except ControlError as exc:
+        return error(exc.status, exc.message)
+    except BadBody as exc:
+        return error(400, exc.reason)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error(exc.status, exc.reason)
+        for name in ("Allow", "WWW-Authenticate"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except Exception:
+        log.exception("admin %s %s failed", request.method, request.path)
+        return error(500, "internal error (see the proxy's log)")
+
+
+# -- handlers -------------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    control = request.app[CONTROL]
+    if control.ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response(
+        {"status": "draining" if control.draining else "not ready"}, status=503
+    )
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[CONTROL].status())
+
+
+async def events(request: web.Request) -> web.Response:
+    text = request.query.get("since", "0")
+    try:
+        since = int(text)
+    except ValueError:
+        return error(400, f"since must be an event id (an integer), got {text!r}")
+    found = request.app[CONTROL].events.since(since)
+    return web.json_response({"events": [event.to_json() for event in found]})
+
+
+async def switch(request: web.Request) -> web.Response:
+    body = await read_body(request, SwitchBody)
+    result = await request.app[CONTROL].switch(
+        request.match_info["svc"], body.to, force=body.force, dry_run=body.dry_run, actor=ACTOR
+    )
+    return web.json_response(result)
+
+
+async def weights(request: web.Request) -> web.Response:
+    body = await read_body(request, WeightsBody)
+    result = await request.app[CONTROL].set_weights(
+        request.match_info["svc"], body.weights, actor=ACTOR
+    )
+    return web.json_response(result)
+
+
+async def rollback(request: web.Request) -> web.Response:
+    result = await request.app[CONTROL].rollback(request.match_info["svc"], actor=ACTOR)
+    return web.json_response(result)
+
+
+async def reload(request: web.Request) -> web.Response:
+    control = request.app[CONTROL]
+    result = await control.reload(actor=ACTOR)
+    if not result.ok:
+        return error(400, "config rejected", errors=result.errors)
+    return web.json_response(
+        {"ok": True, "changed": result.changed, "config_hash": control.config_hash}
+    )
+
+
+def create_admin_app(
+    control: ControlPlane, token: str | None, metrics_public: bool
+) -> web.Application:
+    """The admin API of `control`; `token` None or "" means no authentication."""
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware(token, metrics_public)],
+        client_max_size=MAX_BODY_BYTES,
+    )
+    app[CONTROL] = control
+    registry = metrics_registry(control)
+
+    async def metrics(request: web.Request) -> web.Response:
+        response = web.Response(body=render(registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status)
+    app.router.add_get("/events", events)
+    app.router.add_post("/reload", reload)
+    app.router.add_post("/services/{svc}/switch", switch)
+    app.router.add_put("/services/{svc}/weights", weights)
+    app.router.add_post("/services/{svc}/rollback", rollback)
+    # Rollouts (SPEC §4) go here: POST /services/{svc}/rollout/{start,pause,resume,promote,abort},
+    # 200 or the controller's 409, actor "admin", like the calls above.
+    return app

@@ -1,0 +1,450 @@
+"""The control plane: the one place that changes what the data plane does.
+
+`ControlPlane` owns the validated config, the runtime weights (what a switch, a weights call or a
+rollback set), the endpoints' health and the decision record. Every change builds a new
+`RouteTable` from those and installs it whole; versions that lost all their traffic are drained:
+their idle upstream connections close at once, busy ones after their exchange, and whatever is
+still in flight on them at `drain_timeout` is cut and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proxy.config.loader import ConfigError, config_digest, parse_config
+from proxy.config.model import Config, ServiceConfig
+from proxy.events import Event, EventLog
+from proxy.http.protocol import DataPlane
+from proxy.metrics import MetricsWindow, StatsRegistry, StatsSnapshot, quantile, success_rate
+from proxy.routing.build import build_table, rollout_roles
+from proxy.routing.table import RouteTable
+from proxy.state import RuntimeState, save_state
+
+log = logging.getLogger("laneswitch.control")
+
+Weights = dict[str, int]
+EndpointKey = tuple[str, str, str]  # (service, version, "host:port")
+
+
+class ControlError(Exception):
+    """A refused control operation: `status` is the admin API's HTTP status for it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    errors: list[str] = field(default_factory=list)
+    changed: bool = False  # the file differed from the one in force
+
+
+class ControlPlane:
+    """Config, runtime weights, health and events; builds and installs route tables."""
+
+    def __init__(
+        self,
+        config: Config,
+        plane: DataPlane,
+        stats: StatsRegistry,
+        *,
+        config_path: str | None = None,
+        config_text: str = "",
+    ) -> None:
+        self.config = config
+        self.plane = plane
+        self.stats = stats
+        self.config_path = config_path
+        self.config_hash = config_digest(config_text)
+        self.loaded_at = time.time()
+        self.last_reload_error: list[str] | None = None
+        self.reloads = {"success": 0, "failure": 0}
+        self.events = EventLog()
+        # Weights in force per service; the file's weights until something changes them.
+        self.weights: dict[str, Weights] = {
+            name: _file_weights(service) for name, service in config.services.items()
+        }
+        # The file's weights as last applied: a reload moves a service's weights only when
+        # these change, so an unrelated edit never undoes a runtime switch.
+        self.file_weights: dict[str, Weights] = {name: dict(w) for name, w in self.weights.items()}
+        # Weights before the last switch/weights change, for `rollback` without a rollout.
+        self.previous_weights: dict[str, Weights] = {}
+        self.unhealthy: set[EndpointKey] = set()
+        self.health_ready = True  # no health checks configured -> every endpoint healthy
+        self.listening = False
+        self.draining = False
+        self.generation = plane.table.generation
+        self.rollout_state: dict[str, dict[str, Any]] = {}
+        self.window = MetricsWindow(stats)
+        # Called with each new table (worker processes) and each new config (health checks).
+        self.table_listeners: list[Callable[[RouteTable], None]] = []
+        self.config_listeners: list[Callable[[Config], None]] = []
+        self._drains: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._lock = asyncio.Lock()
+
+    # -- start-up ---------------------------------------------------------------------------------
+
+    def restore(self, state: RuntimeState) -> None:
+        """Put back the runtime state saved by an earlier run, on top of the file's config.
+
+        A service's saved weights are used only when they still fit the file (same versions,
+        same total) and the file's own weights have not changed since they were saved: an edit
+        made while the proxy was down wins, as it would on a reload.
+        """
+        self.events = EventLog(Event.from_json(e) for e in state.events)
+        for name, service in self.config.services.items():
+            saved = state.weights.get(name)
+            if saved is None or state.file_weights.get(name) != self.file_weights[name]:
+                continue
+            if validate_weights(service, saved) is None:
+                self.weights[name] = dict(saved)
+                previous = state.previous_weights.get(name)
+                if previous is not None and validate_weights(service, previous) is None:
+                    self.previous_weights[name] = dict(previous)
+        self.rollout_state = dict(state.rollouts)
+        self.install()
+
+    def runtime_state(self) -> RuntimeState:
+        return RuntimeState(
+            weights=self.weights,
+            file_weights=self.file_weights,
+            previous_weights=self.previous_weights,
+            events=[event.to_json() for event in self.events.since(0)],
+            rollouts=self.rollout_state,
+        )
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """/readyz: listeners bound, config loaded, first health round done, not draining."""
+        return self.listening and self.health_ready and not self.draining
+
+    def share(self, service: str, version: str) -> float:
+        """The version's share of its service's traffic, in percent."""
+        total = self.config.services[service].weight_total
+        return 100.0 * self.weights[service].get(version, 0) / total
+
+    def status(self) -> dict[str, Any]:
+        """The JSON of GET /status (SPEC §4)."""
+        services: dict[str, Any] = {}
+        for name, service in self.config.services.items():
+            versions: dict[str, Any] = {}
+            for version_name, version in service.versions.items():
+                stats = self.stats.get(name, version_name)
+                window = self.window.delta(name, version_name)
+                versions[version_name] = {
+                    "weight": self.weights[name].get(version_name, 0),
+                    "share": round(self.share(name, version_name), 4),
+                    "revision": version.revision,
+                    "in_flight": stats.in_flight,
+                    "endpoints": [
+                        {
+                            "address": endpoint,
+                            "healthy": (name, version_name, endpoint) not in self.unhealthy,
+                        }
+                        for endpoint in version.endpoints
+                    ],
+                    "window": window_summary(window, self.window.seconds),
+                }
+            last = self.events.last(name)
+            services[name] = {
+                "weight_total": service.weight_total,
+                "versions": versions,
+                "rollout": self.rollout_status(name),
+                "last_decision": last.to_json() if last is not None else None,
+            }
+        return {
+            "ready": self.ready,
+            "draining": self.draining,
+            "generation": self.generation,
+            "config": {
+                "path": self.config_path,
+                "hash": self.config_hash,
+                "loaded_at": self.loaded_at,
+                "last_reload_error": self.last_reload_error,
+            },
+            "services": services,
+        }
+
+    def rollout_status(self, service: str) -> dict[str, Any] | None:
+        """The rollout's phase and analysis; None without a rollout block."""
+        rollout = self.config.services[service].rollout
+        if rollout is None:
+            return None
+        saved = self.rollout_state.get(service, {})
+        return {"strategy": rollout.strategy, "phase": saved.get("phase", "idle")}
+
+    # -- changing ---------------------------------------------------------------------------------
+
+    async def switch(
+        self,
+        service: str,
+        to: str,
+        *,
+        force: bool = False,
+        dry_run: bool = False,
+        actor: str = "admin",
+    ) -> dict[str, Any]:
+        """All traffic of `service` to version `to` at once (blue-green).
+
+        404 unknown service or version; 409 when `to` has no healthy endpoint (unless `force`).
+        Returns {"service", "from": weights before, "to": weights after, "dry_run"}.
+        """
+        config = self._service(service)
+        if to not in config.versions:
+            raise ControlError(404, f"service {service!r} has no version {to!r}")
+        if not force and not self.has_healthy_endpoint(service, to):
+            raise ControlError(
+                409, f"version {to!r} has no healthy endpoint (use force to switch anyway)"
+            )
+        after = {name: (config.weight_total if name == to else 0) for name in config.versions}
+        return await self._apply(service, after, "switch", actor, dry_run, f"all traffic to {to}")
+
+    async def set_weights(
+        self, service: str, weights: Mapping[str, int], *, actor: str = "admin"
+    ) -> dict[str, Any]:
+        """Set every version's weight (a version left out gets 0).
+
+        400 when they break the rules of SPEC §2 (unknown version is 404); returns as `switch`.
+        """
+        config = self._service(service)
+        unknown = sorted(set(weights) - set(config.versions))
+        if unknown:
+            raise ControlError(404, f"service {service!r} has no version {unknown[0]!r}")
+        after = {name: weights.get(name, 0) for name in config.versions}
+        problem = validate_weights(config, after)
+        if problem is not None:
+            raise ControlError(400, problem)
+        return await self._apply(service, after, "weights", actor, False, "")
+
+    async def rollback(self, service: str, *, actor: str = "admin") -> dict[str, Any]:
+        """All traffic back to the stable/active version, or without a rollout block, back to
+        the weights in force before the last switch or weights change. 409 if nothing to undo."""
+        config = self._service(service)
+        _, stable = rollout_roles(config)
+        if stable is not None:
+            target = {
+                name: (config.weight_total if name == stable else 0) for name in config.versions
+            }
+            reason = f"all traffic back to {stable}"
+        else:
+            previous = self.previous_weights.get(service)
+            if previous is None:
+                raise ControlError(409, f"nothing to roll back for {service!r}")
+            target = dict(previous)
+            reason = "weights before the last change"
+        if target == self.weights[service]:
+            raise ControlError(409, f"{service!r} is already at its rollback weights")
+        return await self._apply(service, target, "rollback", actor, False, reason)
+
+    async def _apply(
+        self,
+        service: str,
+        after: Weights,
+        action: str,
+        actor: str,
+        dry_run: bool,
+        reason: str,
+    ) -> dict[str, Any]:
+        async with self._lock:
+            before = dict(self.weights[service])
+            result = {"service": service, "from": before, "to": after, "dry_run": dry_run}
+            if dry_run:
+                return result
+            if action != "rollback":
+                self.previous_weights[service] = before
+            self.weights[service] = after
+            self.install()
+            self.events.record(actor, action, service, from_=before, to=after, reason=reason)
+            await self.save()
+            return result
+
+    async def reload(self, *, actor: str = "admin") -> ReloadResult:
+        """Re-read the config file; all-or-nothing."""
+        async with self._lock:
+            if self.config_path is None:
+                return self._reload_failed(["no config file to reload (embedded config)"], actor)
+            try:
+                text = await asyncio.to_thread(Path(self.config_path).read_text, "utf-8")
+                config = parse_config(text, source=self.config_path)
+            except ConfigError as exc:
+                return self._reload_failed(exc.errors, actor)
+            except (OSError, UnicodeDecodeError) as exc:
+                return self._reload_failed([f"{self.config_path}: cannot read: {exc}"], actor)
+            digest = config_digest(text)
+            changed = digest != self.config_hash
+            self.reloads["success"] += 1
+            self.last_reload_error = None
+            if changed:
+                self._adopt(config)
+                self.config_hash = digest
+                self.loaded_at = time.time()
+                self.install()
+                for listener in self.config_listeners:
+                    listener(config)
+                self.events.record(actor, "reload", None, to=digest, reason="config applied")
+                await self.save()
+            return ReloadResult(ok=True, changed=changed)
+
+    def _reload_failed(self, errors: list[str], actor: str) -> ReloadResult:
+        self.reloads["failure"] += 1
+        self.last_reload_error = errors
+        for line in errors:
+            log.error("reload rejected: %s", line)
+        self.events.record(actor, "reload_failed", None, reason="; ".join(errors[:5]))
+        return ReloadResult(ok=False, errors=errors)
+
+    def _adopt(self, config: Config) -> None:
+        """Take a new config's services, keeping runtime weights where the file did not move."""
+        weights: dict[str, Weights] = {}
+        file_weights: dict[str, Weights] = {}
+        for name, service in config.services.items():
+            in_file = _file_weights(service)
+            file_weights[name] = in_file
+            current = self.weights.get(name)
+            keep = (
+                current is not None
+                and self.file_weights.get(name) == in_file
+                and validate_weights(service, current) is None
+            )
+            weights[name] = dict(current) if keep and current is not None else in_file
+        self.previous_weights = {
+            name: w
+            for name, w in self.previous_weights.items()
+            if name in config.services and validate_weights(config.services[name], w) is None
+        }
+        self.config = config
+        self.weights = weights
+        self.file_weights = file_weights
+        self.unhealthy = {key for key in self.unhealthy if _still_exists(config, key)}
+
+    def set_health(self, unhealthy: set[EndpointKey], first_round_done: bool = True) -> None:
+        """The health checker's verdict changed: rebuild the table without those endpoints."""
+        self.health_ready = first_round_done
+        if unhealthy != self.unhealthy:
+            self.unhealthy = set(unhealthy)
+            self.install()
+
+    def has_healthy_endpoint(self, service: str, version: str) -> bool:
+        endpoints = self.config.services[service].versions[version].endpoints
+        return any((service, version, e) not in self.unhealthy for e in endpoints)
+
+    # -- the table --------------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Build a table from config + weights + health, install it, drain what lost traffic."""
+        self.generation += 1
+        table = build_table(self.config, self.weights, self.unhealthy, self.generation)
+        old = self.plane.table
+        self.plane.install(table)
+        for listener in self.table_listeners:
+            listener(table)
+        self._drain_losers(old, table)
+
+    def _drain_losers(self, old: RouteTable, new: RouteTable) -> None:
+        """Versions that lost all their traffic stop reusing upstream connections now, and what
+        is still in flight on them at `drain_timeout` is cut (SPEC §8 promise 2)."""
+        for service in old.services:
+            new_service = new.service(service.name)
+            for version in service.versions:
+                key = (service.name, version.name)
+                now_version = new_service.version(version.name) if new_service else None
+                if now_version is not None and now_version.weight > 0:
+                    timer = self._drains.pop(key, None)
+                    if timer is not None:
+                        timer.cancel()  # traffic is back before the drain ended
+                    continue
+                if version.weight == 0:
+                    continue
+                self.plane.pools.retire(set(version.all_endpoints))
+                began = time.monotonic()
+                timer = self._drains.pop(key, None)
+                if timer is not None:
+                    timer.cancel()
+                self._drains[key] = self.plane.loop.call_later(
+                    self.config.drain_timeout, self._cut_drained, key, began
+                )
+
+    def _cut_drained(self, key: tuple[str, str], began: float) -> None:
+        self._drains.pop(key, None)
+        cut = self.plane.cut_version(key[0], key[1], began)
+        if cut:
+            log.warning("%s/%s: %d request(s) cut at the drain timeout", key[0], key[1], cut)
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    async def save(self) -> None:
+        """Write the state file (if configured) off the event loop."""
+        path = self.config.state_file
+        if path is None:
+            return
+        state = self.runtime_state()
+        try:
+            await asyncio.to_thread(save_state, path, state)
+        except OSError as exc:
+            log.error("cannot write the state file %s: %s", path, exc)
+
+    def close(self) -> None:
+        for timer in self._drains.values():
+            timer.cancel()
+        self._drains.clear()
+
+    def _service(self, name: str) -> ServiceConfig:
+        service = self.config.services.get(name)
+        if service is None:
+            raise ControlError(404, f"no service {name!r}")
+        return service
+
+
+def validate_weights(service: ServiceConfig, weights: Mapping[str, int]) -> str | None:
+    """Why `weights` break the rules of SPEC §2 for `service`, or None when they don't."""
+    if set(weights) != set(service.versions):
+        return "weights must name exactly the service's versions"
+    for name, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, int):
+            return f"{name}: weight must be an integer"
+        if weight < 0:
+            return f"{name}: weight must be >= 0"
+    total = sum(weights.values())
+    if total == 0:
+        return "at least one version needs a weight above 0"
+    if total != service.weight_total:
+        return f"weights sum to {total}, must equal weight_total {service.weight_total}"
+    return None
+
+
+def window_summary(window: StatsSnapshot | None, seconds: float) -> dict[str, Any]:
+    """Request count, success rate and p99 of a version over the status window."""
+    if window is None:
+        return {"seconds": seconds, "requests": 0, "success_rate": None, "p99_ms": None}
+    p99 = quantile(window.latency_buckets, 0.99)
+    rate = success_rate(window.requests)
+    return {
+        "seconds": seconds,
+        "requests": window.total,
+        "success_rate": round(rate, 3) if rate is not None else None,
+        "p99_ms": round(p99 * 1000, 3) if p99 is not None else None,
+        "upstream_errors": window.upstream_errors,
+        "client_aborts": window.client_aborts,
+    }
+
+
+def _still_exists(config: Config, key: EndpointKey) -> bool:
+    service = config.services.get(key[0])
+    if service is None or key[1] not in service.versions:
+        return False
+    return key[2] in service.versions[key[1]].endpoints
+
+
+def _file_weights(service: ServiceConfig) -> Weights:
+    return {name: version.weight for name, version in service.versions.items()}
