@@ -102,12 +102,14 @@ class Server:
         log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in self.addresses))
 
     async def _start_health(self) -> None:
+        """Run the first round of health checks (if any service has them) before serving."""
         targets = targets_from_config(self.config)
         self.health = HealthChecker(self.control.set_health)
         self.health.configure(targets)
         if targets:
             self.control.health_ready = False
-            await self.health.start()
+        await self.health.start()
+        if targets:
             log.info(
                 "first health round: %d of %d endpoints healthy",
                 len(targets) - len(self.health.unhealthy),
@@ -117,10 +119,8 @@ class Server:
     def _config_changed(self, config: Config) -> None:
         self.config = config
         if self.health is not None:
-            targets = targets_from_config(config)
-            self.health.configure(targets)
-            if targets:
-                self.loop.create_task(self.health.start())
+            # New endpoints start unknown (no traffic) until their first check passes.
+            self.health.configure(targets_from_config(config))
 
     async def _reload_from_file(self) -> None:
         await self.control.reload(actor="config")

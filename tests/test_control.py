@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config.loader import parse_config
+from proxy.control import ControlError
 from proxy.server import Server
 from tests.helpers import Client, RecordingUpstream, get, ok_response, raw_upstream
 
@@ -305,6 +306,44 @@ async def test_weights_in_force_are_the_table_the_data_plane_reads(tmp_path: Pat
         await server.control.rollback("shop")
         bodies = Counter([(await client.request(get())).body for _ in range(10)])
         assert bodies == {b"blue": 10}
+        await client.close()
+    await blue.stop()
+    await green.stop()
+
+
+async def test_unhealthy_version_refuses_a_switch_and_gets_503_when_forced(
+    tmp_path: Path,
+) -> None:
+    def blue_respond(request):  # type: ignore[no-untyped-def]
+        return ok_response(b"blue")
+
+    def green_respond(request):  # type: ignore[no-untyped-def]
+        if request.url == b"/healthz":
+            return b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+        return ok_response(b"green")
+
+    blue = await RecordingUpstream("blue", responder=blue_respond).start()
+    green = await RecordingUpstream("green", responder=green_respond).start()
+    path = tmp_path / "laneswitch.yaml"
+    path.write_text(
+        config_text(blue.endpoint, green.endpoint, 100)
+        + "    health_check: {path: /healthz, interval: 100ms, timeout: 500ms}\n"
+    )
+    async with server_from_file(path) as server:
+        control = server.control
+        assert control.ready
+        assert control.unhealthy == {("shop", "green", green.endpoint)}
+        with pytest.raises(ControlError) as refused:
+            await control.switch("shop", "green")
+        assert refused.value.status == 409
+        assert control.weights["shop"] == {"blue": 100, "green": 0}
+        await control.switch("shop", "green", force=True)
+        client = await Client.connect(server.addresses[0][1])
+        async with asyncio.timeout(2):
+            response = await client.request(get())
+        assert response.status == 503
+        assert response.header("Retry-After") is not None
+        assert not [r for r in green.requests if r.url != b"/healthz"]
         await client.close()
     await blue.stop()
     await green.stop()
