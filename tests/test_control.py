@@ -198,7 +198,11 @@ async def test_stream_outliving_the_drain_timeout_is_cut_and_counted(tmp_path: P
 
 BAD_CONFIGS = {
     "bad yaml": "services: [unclosed\n",
-    "bad weights": "services:\n  shop:\n    versions:\n      blue: {endpoints: ['127.0.0.1:1'], weight: 60}\n      green: {endpoints: ['127.0.0.1:2'], weight: 60}\n",
+    "bad weights": (
+        "services:\n  shop:\n    versions:\n"
+        "      blue: {endpoints: ['127.0.0.1:1'], weight: 60}\n"
+        "      green: {endpoints: ['127.0.0.1:2'], weight: 60}\n"
+    ),
     "unknown key": "servics: {}\n",
     "truncated": None,  # filled from the good file below
 }
