@@ -140,7 +140,7 @@ class ControlPlane:
         for name, service in self.config.services.items():
             versions: dict[str, Any] = {}
             for version_name, version in service.versions.items():
-                stats = self.stats.get(name, version_name)
+                stats = self.stats.peek(name, version_name)
                 window = self.window.delta(name, version_name)
                 versions[version_name] = {
                     "weight": self.weights[name].get(version_name, 0),
@@ -261,6 +261,12 @@ class ControlPlane:
             result = {"service": service, "from": before, "to": after, "dry_run": dry_run}
             if dry_run:
                 return result
+            if after == before:
+                # Recorded (every call is), but it must not overwrite the undo point.
+                self.events.record(
+                    actor, action, service, from_=before, to=after, reason="no change"
+                )
+                return result
             if action != "rollback":
                 self.previous_weights[service] = before
             self.weights[service] = after
@@ -293,7 +299,9 @@ class ControlPlane:
                 for listener in self.config_listeners:
                     listener(config)
                 self.events.record(actor, "reload", None, to=digest, reason="config applied")
-                await self.save()
+            else:
+                self.events.record(actor, "reload", None, to=digest, reason="file unchanged")
+            await self.save()
             return ReloadResult(ok=True, changed=changed)
 
     def _reload_failed(self, errors: list[str], actor: str) -> ReloadResult:

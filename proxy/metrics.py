@@ -134,6 +134,10 @@ class StatsRegistry:
             stats = self._stats[key] = VersionStats(service, version)
         return stats
 
+    def peek(self, service: str, version: str) -> VersionStats:
+        """The version's counters for reading: zeros (not registered) if none exist yet."""
+        return self._stats.get((service, version)) or VersionStats(service, version)
+
     def all(self) -> list[VersionStats]:
         return list(self._stats.values())
 
@@ -194,7 +198,7 @@ class MetricsWindow:
 
     def delta(self, service: str, version: str) -> StatsSnapshot | None:
         """Counters of the window (None when nothing was ever counted for the version)."""
-        current = self.stats.get(service, version).snapshot()
+        current = self.stats.peek(service, version).snapshot()
         if not self._samples:
             return current if current.total or current.client_aborts else None
         _, oldest = self._samples[0]

@@ -199,7 +199,7 @@ async def send(port: int, count: int) -> Counter[str]:
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     """Wait for a condition on the proxy's own state, which has no event to await."""
     async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - the counters have no change notification
+        while not condition():
             await asyncio.sleep(0.01)
 
 

@@ -351,3 +351,17 @@ async def test_unhealthy_version_refuses_a_switch_and_gets_503_when_forced(
         await client.close()
     await blue.stop()
     await green.stop()
+
+
+async def test_a_repeated_switch_keeps_the_undo_point(tmp_path: Path) -> None:
+    path = tmp_path / "laneswitch.yaml"
+    path.write_text(config_text("127.0.0.1:9", "127.0.0.1:10", blue_weight=90))
+    async with server_from_file(path) as server:
+        control = server.control
+        await control.switch("shop", "green", force=True)
+        await control.switch("shop", "green", force=True)  # a no-op, still recorded
+        await control.rollback("shop")
+        assert control.weights["shop"] == {"blue": 90, "green": 10}
+        actions = [(e.action, e.reason) for e in control.events.since(0)]
+        assert actions[1] == ("switch", "no change")
+        assert actions[2][0] == "rollback"

@@ -432,7 +432,7 @@ async def test_refused_upgrade_closes_and_never_tunnels_early_bytes() -> None:
             await other.close()
         # The proxy is stopped: every upstream connection is closed and fully read.
         async with asyncio.timeout(2):
-            while finished < started:  # noqa: ASYNC110 - counts kept by the handler
+            while finished < started:
                 await asyncio.sleep(0.005)
     assert [head.split(b"\r\n", 1)[0] for head in seen] == [
         b"GET /ws HTTP/1.1",

@@ -90,7 +90,7 @@ def unanswered_endpoint() -> Iterator[str]:
 async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
     """Wait (bounded) for a condition on state the proxy updates from its own callbacks."""
     async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - no event to await: the proxy's own state
+        while not condition():
             await asyncio.sleep(0.005)
 
 

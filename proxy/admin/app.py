@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -90,7 +91,7 @@ def _describe(err: Any) -> str:
 # -- middleware -----------------------------------------------------------------------------------
 
 
-def auth_middleware(token: str | None, metrics_public: bool) -> Any:
+def auth_middleware(token: str | None, metrics_public: bool) -> Middleware:
     """Bearer-token check for every call but the public ones; a refusal changes nothing."""
     public = PUBLIC_PATHS | ({"/metrics"} if metrics_public else set())
     expected = f"Bearer {token}".encode() if token else None
