@@ -33,12 +33,18 @@ DEMO_UPSTREAMS = {"blue": 9001, "green": 9002}
 
 TRY_IT = """
 laneswitch demo: blue (90 %) and green (10 %) behind http://127.0.0.1:8080
+admin API on http://127.0.0.1:9901
 
   curl -i http://127.0.0.1:8080/                          # weighted: mostly blue
   for i in $(seq 20); do curl -s http://127.0.0.1:8080/; done | sort | uniq -c
   curl -s -H 'X-User-Id: alice' http://127.0.0.1:8080/    # sticky: alice always gets the same one
   curl -s -H 'X-Canary: green' http://127.0.0.1:8080/     # forced to a version by header
   curl -s -b 'canary=blue' http://127.0.0.1:8080/         # ... or by cookie
+
+  laneswitch status                                       # weights, health, traffic per version
+  laneswitch switch shop green                            # blue-green: all traffic to green now
+  laneswitch rollback shop                                # and back
+  curl -s http://127.0.0.1:9901/metrics | grep laneswitch_requests_total
 
 Ctrl-C stops it.
 """
@@ -72,7 +78,7 @@ async def start_upstream(version: str, port: int) -> web.AppRunner:
 async def demo() -> None:
     config = parse_config(DEMO_CONFIG, source="<demo>")
     runners = [await start_upstream(name, port) for name, port in DEMO_UPSTREAMS.items()]
-    server = Server(config)
+    server = Server(config, config_text=DEMO_CONFIG)
     await server.start()
     print(TRY_IT, flush=True)
     try:
