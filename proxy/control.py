@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,9 +85,13 @@ class ControlPlane:
         self.generation = plane.table.generation
         self.rollout_state: dict[str, dict[str, Any]] = {}
         self.window = MetricsWindow(stats)
-        # Called with each new table (worker processes) and each new config (health checks).
+        # Called with each new table as it is installed (e.g. to push it to worker processes),
+        # and with each new config (health checks).
         self.table_listeners: list[Callable[[RouteTable], None]] = []
         self.config_listeners: list[Callable[[Config], None]] = []
+        # Awaited with a table generation before a change is acknowledged to its caller: they
+        # return once every process serving traffic has applied that table (or a later one).
+        self.table_acks: list[Callable[[int], Awaitable[None]]] = []
         self._drains: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._lock = asyncio.Lock()
 
@@ -271,6 +275,7 @@ class ControlPlane:
                 self.previous_weights[service] = before
             self.weights[service] = after
             self.install()
+            await self.applied()
             self.events.record(actor, action, service, from_=before, to=after, reason=reason)
             await self.save()
             return result
@@ -296,6 +301,7 @@ class ControlPlane:
                 self.config_hash = digest
                 self.loaded_at = time.time()
                 self.install()
+                await self.applied()
                 for listener in self.config_listeners:
                     listener(config)
                 self.events.record(actor, "reload", None, to=digest, reason="config applied")
@@ -388,6 +394,11 @@ class ControlPlane:
         cut = self.plane.cut_version(key[0], key[1], began)
         if cut:
             log.warning("%s/%s: %d request(s) cut at the drain timeout", key[0], key[1], cut)
+
+    async def applied(self) -> None:
+        """Wait until every serving process has the table in force (see `table_acks`)."""
+        for ack in self.table_acks:
+            await ack(self.generation)
 
     # -- persistence ------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -164,51 +165,87 @@ class Response:
         return None
 
 
-class _ResponseReader:
-    def __init__(self, head_request: bool) -> None:
+class _ResponseStream:
+    """Every response on one connection, in order, however their bytes are split into reads.
+
+    One parser lives as long as the connection, so two answers in one read are two responses.
+    A response to HEAD ends at its head (the parser cannot know the request was HEAD); the
+    next one gets a fresh parser.
+    """
+
+    def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
+        self.ready: deque[Response] = deque()
+        self.head_requests: deque[bool] = deque()  # per awaited response: was it HEAD?
         self.headers: list[tuple[bytes, bytes]] = []
         self.body = b""
-        self.done = False
-        self.head_request = head_request
-        self.headers_done = False
+        self.started = False  # a final response's head is complete and it has not ended
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.body = b""
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.headers_done = True
-        if self.parser.get_status_code() < 200:
-            self.headers = []
-            self.headers_done = False
-        elif self.head_request:
-            self.done = True
+        status = self.parser.get_status_code()
+        if status < 200 and status != 101:
+            return
+        self.started = True
+        if status == 101 or (self.head_requests and self.head_requests[0]):
+            self._finish(status)
+            self.parser = httptools.HttpResponseParser(self)
 
     def on_body(self, body: bytes) -> None:
         self.body += body
 
     def on_message_complete(self) -> None:
-        if self.parser.get_status_code() >= 200:
-            self.done = True
+        status = self.parser.get_status_code()
+        if status >= 200 and self.started:
+            self._finish(status)
+
+    def _finish(self, status: int) -> None:
+        self.ready.append(Response(status, self.headers, self.body, True))
+        self.started = False
+        if self.head_requests:
+            self.head_requests.popleft()
+
+    def cut(self) -> Response | None:
+        """The response the connection ended inside, if any (complete=False)."""
+        if not self.started:
+            return None
+        self.started = False
+        return Response(self.parser.get_status_code(), self.headers, self.body, False)
 
 
 async def read_response(
     reader: asyncio.StreamReader, head_request: bool = False, timeout: float = 5.0
 ) -> Response:
-    """Read exactly one final response (interim 1xx are skipped) from `reader`."""
-    state = _ResponseReader(head_request)
+    """Read exactly one final response (interim 1xx are skipped) from a fresh `reader`."""
+    stream = _ResponseStream()
+    return await _next_response(reader, stream, head_request, timeout)
+
+
+async def _next_response(
+    reader: asyncio.StreamReader, stream: _ResponseStream, head_request: bool, timeout: float
+) -> Response:
+    stream.head_requests.append(head_request)
     async with asyncio.timeout(timeout):
-        while not state.done:
-            data = await reader.read(65536)
-            if not data:
-                break
+        while not stream.ready:
             try:
-                state.parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                state.done = True
-    if not state.headers_done:
-        raise ConnectionError("connection closed before a response head")
-    return Response(state.parser.get_status_code(), state.headers, state.body, state.done)
+                data = await reader.read(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                cut = stream.cut()
+                if cut is not None:
+                    return cut
+                raise ConnectionError("connection closed before a response head")
+            # On a 101 the response is complete; what follows is the tunnel.
+            with contextlib.suppress(httptools.HttpParserUpgrade):
+                stream.parser.feed_data(data)
+    return stream.ready.popleft()
 
 
 class Client:
@@ -217,6 +254,7 @@ class Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.stream = _ResponseStream()
 
     @classmethod
     async def connect(cls, port: int) -> Client:
@@ -228,7 +266,8 @@ class Client:
         await self.writer.drain()
 
     async def response(self, head_request: bool = False, timeout: float = 5.0) -> Response:
-        return await read_response(self.reader, head_request, timeout)
+        """The next response on this connection (two answers in one read are two responses)."""
+        return await _next_response(self.reader, self.stream, head_request, timeout)
 
     async def request(self, data: bytes, head_request: bool = False) -> Response:
         await self.send(data)
