@@ -1,10 +1,12 @@
 """laneswitch benchmark: nginx vs a plain aiohttp proxy vs laneswitch, on loopback.
 
     python loadtests/bench.py [--duration 10] [--only nginx,aiohttp,laneswitch]
-                              [--skip-idle] [--laneswitch-cmd CMD] [--out FILE.json]
+                              [--skip-idle] [--laneswitch-cmd CMD] [--workers N] [--out FILE.json]
 
 Two nginx upstreams (blue 127.0.0.1:19001, green 127.0.0.1:19002) and wrk run on CPU 0; each
-proxy under test listens on 127.0.0.1:18080 on CPU 1 and splits 90/10. See loadtests/README.md.
+proxy under test listens on 127.0.0.1:18080 on CPU 1 and splits 90/10. With --workers N, nginx
+(worker_processes N) and laneswitch (--workers N) are measured again on every CPU, and their
+N-worker / 1-worker throughput ratios compared. See loadtests/README.md.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ ADMIN_PORT = 19901
 PROXY_URL = f"http://{HOST}:{PROXY_PORT}"
 
 ALL_PROXIES = ("nginx", "aiohttp", "laneswitch")
+MULTI_WORKER_PROXIES = ("nginx", "laneswitch")  # the ones measured again with --workers N
 UPSTREAM_CPU = 0  # upstream nginx servers, wrk and the idle client's peers
-PROXY_CPU = 1  # the proxy under test
+PROXY_CPU = 1  # the proxy under test (one worker)
+# laneswitch's scaling (N workers / 1) must reach this share of nginx's scaling.
+SCALING_VS_NGINX_TARGET = 0.85
 
 BIG_BYTES = 1 << 20
 SMALL_CONNECTIONS = 64
@@ -104,7 +109,7 @@ class IdleResult:
 
 @dataclass
 class ProxyResult:
-    name: str
+    name: str  # "nginx", ... ; "nginx x2" for a multi-worker run
     status: str = "not run"  # "ok" | "failed to start" | "error: ..." | "interrupted"
     detail: str = ""
     green_share_pct: float | None = None
@@ -198,9 +203,11 @@ class ProcessGroup:
             self._procs.remove(proc)
 
 
-def pinned(cpu: int, argv: list[str]) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > cpu:
-        return ["taskset", "-c", str(cpu), *argv]
+def pinned(cpus: int | str, argv: list[str]) -> list[str]:
+    """Run on `cpus` (one CPU, or a taskset list such as "0,1") when taskset and they exist."""
+    wanted = [int(cpu) for cpu in str(cpus).split(",")]
+    if shutil.which("taskset") and (os.cpu_count() or 1) > max(wanted):
+        return ["taskset", "-c", str(cpus), *argv]
     return argv
 
 
@@ -288,7 +295,9 @@ def nginx_user_directive() -> str:
     return f"user {user} {group};"
 
 
-def nginx_main(work: Path, name: str, nofile: int, master: bool, http_body: str) -> str:
+def nginx_main(
+    work: Path, name: str, nofile: int, master: bool, http_body: str, workers: int = 1
+) -> str:
     state = work / name
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (state / sub).mkdir(parents=True, exist_ok=True)
@@ -296,7 +305,7 @@ def nginx_main(work: Path, name: str, nofile: int, master: bool, http_body: str)
     return f"""\
 daemon off;
 master_process {"on" if master else "off"};
-worker_processes 1;
+worker_processes {workers};
 worker_rlimit_nofile {nofile};
 pid {state}/nginx.pid;
 error_log {state}/error.log warn;
@@ -337,7 +346,9 @@ def upstream_nginx_conf(work: Path, version: str, port: int, nofile: int) -> str
     return nginx_main(work, f"upstream-{version}", nofile, master=False, http_body=server)
 
 
-def proxy_nginx_conf(work: Path, nofile: int) -> str:
+def proxy_nginx_conf(work: Path, nofile: int, workers: int = 1) -> str:
+    # Several workers: one SO_REUSEPORT listener each, as laneswitch's workers have.
+    reuseport = " reuseport" if workers > 1 else ""
     body = f"""\
     upstream app {{
         server {HOST}:{BLUE_PORT} weight=9;
@@ -346,7 +357,7 @@ def proxy_nginx_conf(work: Path, nofile: int) -> str:
         keepalive_requests 1000000;
     }}
     server {{
-        listen {HOST}:{PROXY_PORT} backlog=4096;
+        listen {HOST}:{PROXY_PORT} backlog=4096{reuseport};
         location / {{
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -355,7 +366,8 @@ def proxy_nginx_conf(work: Path, nofile: int) -> str:
             proxy_max_temp_file_size 0;
         }}
     }}"""
-    return nginx_main(work, "proxy-nginx", nofile, master=True, http_body=body)
+    name = "proxy-nginx" if workers == 1 else f"proxy-nginx-{workers}w"
+    return nginx_main(work, name, nofile, master=True, http_body=body, workers=workers)
 
 
 def nginx_argv(work: Path, name: str, conf_text: str) -> list[str]:
@@ -569,6 +581,8 @@ class ProxySpec:
     argv: list[str]
     cwd: Path | None = None
     log: Path = field(default_factory=Path)
+    cpus: str = str(PROXY_CPU)  # taskset list the proxy runs on
+    ready_url: str | None = None  # also 200 before measuring (laneswitch: every worker bound)
 
 
 def proxy_specs(args: argparse.Namespace, work: Path, nofile: int) -> dict[str, ProxySpec]:
@@ -597,6 +611,27 @@ def proxy_specs(args: argparse.Namespace, work: Path, nofile: int) -> dict[str, 
     }
 
 
+def multi_worker_specs(args: argparse.Namespace, work: Path, nofile: int) -> dict[str, ProxySpec]:
+    """nginx and laneswitch with `args.workers` workers, allowed on every CPU."""
+    n = args.workers
+    every_cpu = ",".join(str(cpu) for cpu in range(os.cpu_count() or 1))
+    ls_config = work / "laneswitch.yaml"
+    return {
+        "nginx": ProxySpec(
+            f"nginx x{n}",
+            nginx_argv(work, f"proxy-nginx-{n}w", proxy_nginx_conf(work, nofile, workers=n)),
+            cpus=every_cpu,
+        ),
+        "laneswitch": ProxySpec(
+            f"laneswitch x{n}",
+            [*laneswitch_argv(args.laneswitch_cmd, ls_config), "--workers", str(n)],
+            cwd=REPO_ROOT,
+            cpus=every_cpu,
+            ready_url=f"http://{HOST}:{ADMIN_PORT}/readyz",
+        ),
+    }
+
+
 def laneswitch_argv(override: str | None, config: Path) -> list[str]:
     """Default: `python -m proxy run -c FILE`. An override may hold {config}, else gets -c FILE."""
     if not override:
@@ -611,9 +646,11 @@ def bench_proxy(
 ) -> None:
     """Start one proxy, measure it, stop it; fills `result` as it goes."""
     step(f"{spec.name}: starting: {shlex.join(spec.argv)}")
-    proc = procs.start(pinned(PROXY_CPU, spec.argv), spec.log, cwd=spec.cwd)
+    proc = procs.start(pinned(spec.cpus, spec.argv), spec.log, cwd=spec.cwd)
     try:
         why = wait_ready(proc, PROXY_URL + "/")
+        if why is None and spec.ready_url is not None:
+            why = wait_ready(proc, spec.ready_url)
         if why is not None:
             result.status, result.detail = "failed to start", f"{why}\n{log_tail(spec.log)}"
             return
@@ -694,6 +731,16 @@ def targets(results: dict[str, ProxyResult]) -> list[Target]:
     ls, ngx, aio = ok("laneswitch"), ok("nginx"), ok("aiohttp")
     ls_rps = ls.small.requests_per_s if ls and ls.small else None
     ls_p99 = ls.small.p99_ms if ls and ls.small else None
+    scaling = [
+        Target(
+            "laneswitch/nginx scaling",
+            ratio(scaling_ratio(results, "laneswitch"), scaling_ratio(results, "nginx")),
+            ">=",
+            SCALING_VS_NGINX_TARGET,
+        )
+    ]
+    if not any(" x" in name for name in results):
+        scaling = []  # no multi-worker run
     return [
         Target(
             "laneswitch/nginx req/s",
@@ -719,7 +766,41 @@ def targets(results: dict[str, ProxyResult]) -> list[Target]:
             "<=",
             200,
         ),
+        *scaling,
     ]
+
+
+def multi_worker_name(results: dict[str, ProxyResult], proxy: str) -> str | None:
+    return next((name for name in results if name.startswith(f"{proxy} x")), None)
+
+
+def scaling_ratio(results: dict[str, ProxyResult], proxy: str) -> float | None:
+    """req/s of `proxy`'s multi-worker run / req/s of its one-worker run (GET /)."""
+    one, many = results.get(proxy), results.get(multi_worker_name(results, proxy) or "")
+    if one is None or many is None or one.status != "ok" or many.status != "ok":
+        return None
+    if one.small is None or many.small is None or not one.small.requests_per_s:
+        return None
+    return many.small.requests_per_s / one.small.requests_per_s
+
+
+def scaling_lines(results: list[ProxyResult]) -> list[str]:
+    by_name = {r.name: r for r in results}
+    lines = []
+    for proxy in MULTI_WORKER_PROXIES:
+        many = multi_worker_name(by_name, proxy)
+        one = by_name.get(proxy)
+        if many is None or one is None:
+            continue
+        ratio = scaling_ratio(by_name, proxy)
+        one_rps = one.small.requests_per_s if one.small else None
+        many_run = by_name[many].small
+        many_rps = many_run.requests_per_s if many_run else None
+        lines.append(
+            f"{proxy:<11} 1 worker {fmt(one_rps, 0):>8} req/s -> {many}: {fmt(many_rps, 0):>8}"
+            f" req/s   x{fmt(ratio, 2)}"
+        )
+    return lines
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -814,6 +895,16 @@ def print_report(results: list[ProxyResult], command: str, machine: dict[str, st
     print(render_table(table_rows(results)))
     for line in notes(results):
         print("  " + line)
+    scaling = scaling_lines(results)
+    if scaling:
+        print()
+        print(
+            "scaling (GET /, 64 connections): the one-worker runs have CPU 1 to themselves; the"
+            " multi-worker runs may use every CPU, so their second worker shares CPU 0 with wrk"
+            " and the upstreams"
+        )
+        for line in scaling:
+            print("  " + line)
     print()
     for target in targets({r.name: r for r in results}):
         print(
@@ -862,10 +953,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="command that starts laneswitch; '{config}' is replaced by the config path, "
         "else '-c CONFIG' is appended (default: python -m proxy run -c CONFIG, from the repo)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="also measure nginx (worker_processes N) and laneswitch (--workers N) on every CPU"
+        " and compare their N/1 scaling (default 1: no multi-worker runs)",
+    )
     parser.add_argument("--out", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.duration < 1:
         parser.error("--duration must be >= 1")
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
     return args
 
 
@@ -911,10 +1011,14 @@ def run(args: argparse.Namespace, results: list[ProxyResult]) -> None:
     ):
         work = Path(tmp)
         start_upstreams(procs, work, nofile)
-        specs = proxy_specs(args, work, nofile)
-        for name in args.only:
-            spec = specs[name]
-            spec.log = work / f"proxy-{name}.out.log"
+        single = proxy_specs(args, work, nofile)
+        specs = [single[name] for name in args.only]
+        if args.workers > 1:
+            many = multi_worker_specs(args, work, nofile)
+            specs += [many[name] for name in args.only if name in many]
+        for spec in specs:
+            name = spec.name
+            spec.log = work / f"proxy-{name.replace(' ', '-')}.out.log"
             result = ProxyResult(name)
             results.append(result)
             try:

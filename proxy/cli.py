@@ -12,6 +12,18 @@ from proxy.client import add_client_commands
 
 DEFAULT_CONFIG = "config/laneswitch.yaml"
 
+DEMO_HELP = """\
+Starts blue (127.0.0.1:9001) and green (127.0.0.1:9002), the proxy on 127.0.0.1:8080 and the admin
+API on 127.0.0.1:9901, sends about 50 requests/s through the proxy itself (so the rollout's
+analysis has something to measure), and rolls green out as a canary: 10 %, 25 %, 50 %, one step
+every 5 s while green answers well, then promoted. Then it makes green fail 30 % of its requests
+and rolls it out again: the proxy rolls it back on its own. About a minute in all; watch it with
+`laneswitch status --watch`. To replay the failing case by hand:
+
+  curl -X POST 'http://127.0.0.1:9002/demo/fail?rate=0.3'   # green fails 30 % (rate=0 heals)
+  laneswitch rollback shop && laneswitch rollout start shop
+"""
+
 
 def _setup_logging() -> None:
     logging.basicConfig(
@@ -62,8 +74,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     from proxy.runtime import run_forever
     from proxy.server import run
+    from proxy.workers import WorkerStartError
 
-    return run_forever(run(config, config_path=path, config_text=text))
+    try:
+        return run_forever(run(config, config_path=path, config_text=text, workers=args.workers))
+    except (OSError, WorkerStartError) as exc:
+        print(f"laneswitch: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def workers_arg(text: str) -> int | str:
+    """`--workers`: an integer >= 1 or "auto" (one per usable CPU)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 1 or "auto", got {text!r}')
+    return value
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -71,7 +101,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import demo
     from proxy.runtime import run_forever
 
-    return run_forever(demo())
+    return run_forever(demo(args.fail_rate))
+
+
+def fail_rate_arg(text: str) -> float:
+    """`demo --fail-rate`: a share of requests, 0 to 1."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0.0 <= rate <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
+    return rate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,13 +124,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the proxy until SIGTERM/SIGINT")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (YAML)")
+    run.add_argument(
+        "--workers",
+        type=workers_arg,
+        default=None,
+        metavar="N|auto",
+        help="data-plane processes (overrides the file's `workers`; auto = one per usable CPU)",
+    )
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a config file and print a summary")
     check.add_argument("-c", "--config", required=True, help="config file (YAML)")
     check.set_defaults(func=cmd_check)
 
-    demo = sub.add_parser("demo", help="two demo upstreams (blue, green) behind a proxy")
+    demo = sub.add_parser(
+        "demo",
+        help="two demo upstreams (blue, green) behind a proxy, and a canary rollout to watch",
+        description=DEMO_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--fail-rate",
+        type=fail_rate_arg,
+        default=None,
+        metavar="R",
+        help="green fails this share of its requests (0..1) from the start, and the tour is one "
+        "rollout of it (e.g. 0.3: rolled back within about 10 s)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     add_client_commands(sub)

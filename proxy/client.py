@@ -1,4 +1,4 @@
-"""The client commands of `laneswitch` (SPEC §1): status, switch, weights, rollback.
+"""The client commands of `laneswitch` (SPEC §1): status, switch, weights, rollback, rollout.
 
 Each command is one or a few HTTP calls to a running proxy's admin API, made with the standard
 library so the client starts fast and needs nothing the proxy doesn't. Exit codes: 0 done, 1 the
@@ -200,9 +200,7 @@ def render_status(status: dict[str, Any], admin: str) -> str:
         extra: list[str] = []
         rollout = service.get("rollout")
         if rollout:
-            extra.append(
-                f"  rollout: {rollout.get('strategy', '?')}, phase {rollout.get('phase', '?')}"
-            )
+            extra.extend(render_rollout(rollout))
         last = service.get("last_decision")
         if last:
             extra.append(f"  last decision: {_decision(last)}")
@@ -230,6 +228,59 @@ def render_status(status: dict[str, Any], admin: str) -> str:
     if not rows:
         lines.append("(no services)")
     return "\n".join(lines)
+
+
+def _rate(value: Any) -> str:
+    return f"{value:.4g}%" if isinstance(value, int | float) else "-"
+
+
+def _millis(value: Any) -> str:
+    return f"{value:.4g}ms" if isinstance(value, int | float) else "-"
+
+
+def render_rollout(rollout: dict[str, Any]) -> list[str]:
+    """A rollout's lines under its service: a progress bar (step k of n, the candidate's
+    weight), phase and failed checks; what the last analysis measured for both versions; the
+    last decision and why."""
+    candidate = rollout.get("candidate", "?")
+    baseline = rollout.get("baseline", "?")
+    steps = int(rollout.get("steps") or 0)
+    step = int(rollout.get("step") or 0)
+    weight = float(rollout.get("weight") or 0.0)
+    if rollout.get("strategy") == "blue-green":
+        where = "switched" if step else "before the switch"
+        progress = f"{where}, {candidate} at {_percent(weight)}"
+    else:
+        progress = f"step {step} of {steps}, {candidate} at {_percent(weight)}"
+    phase = rollout.get("phase", "?")
+    if rollout.get("awaiting_promotion"):
+        phase += " (waiting for `laneswitch rollout promote`)"
+    lines = [
+        f"  rollout {rollout.get('strategy', '?')} {baseline} -> {candidate}: {_bar(weight)} "
+        f"{progress}; {phase}; failed checks "
+        f"{rollout.get('failed_checks', 0)}/{rollout.get('threshold', '?')}"
+    ]
+    reason = rollout.get("reason")
+    if reason and phase in ("paused", "rolled_back", "aborted"):
+        lines.append(f"    why: {reason}")
+    analysis = rollout.get("last_analysis")
+    if isinstance(analysis, dict):
+        values = analysis.get("values") or {}
+        lines.append(
+            f"    last analysis ({analysis.get('verdict', '?')}): "
+            f"{candidate} {_rate(values.get('success_rate'))} ok, "
+            f"p99 {_millis(values.get('latency_p99_ms'))}, {values.get('requests', 0)} req; "
+            f"{baseline} {_rate(values.get('stable_success_rate'))} ok, "
+            f"p99 {_millis(values.get('stable_latency_p99_ms'))}, "
+            f"{values.get('stable_requests', 0)} req"
+        )
+    decision = rollout.get("last_decision")
+    if isinstance(decision, dict):
+        lines.append(
+            f"    rollout decision: {decision.get('action')} at {_clock(decision.get('time'))}: "
+            f"{decision.get('reason', '')}"
+        )
+    return lines
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -295,6 +346,18 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return _change(args, "rollback", "POST", "rollback", None)
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    client = AdminClient.from_args(args)
+    try:
+        status = client.call("POST", _service_path(args.service, f"rollout/{args.action}"))
+    except AdminError as exc:
+        return _fail(exc, sys.stderr)
+    print(f"{args.service}: rollout {args.action}: phase {status.get('phase', '?')}")
+    for line in render_rollout(status):
+        print(line)
+    return 0
+
+
 def version_weight(text: str) -> tuple[str, int]:
     """argparse type of `VERSION=N`."""
     version, sep, number = text.partition("=")
@@ -357,5 +420,15 @@ def add_client_commands(subparsers: Any) -> None:
     )
     rollback.add_argument("service", metavar="SERVICE")
     rollback.set_defaults(func=cmd_rollback)
-    # `rollout {start,pause,resume,promote,abort} SERVICE` comes with the rollout controller:
-    # POST /services/{svc}/rollout/{action}, printed and exit-coded like the commands above.
+
+    rollout = subparsers.add_parser(
+        "rollout",
+        parents=[common],
+        help="drive a service's rollout: start, pause, resume, promote, abort",
+        description="start: a new rollout from the stable (active) version; pause/resume: stop "
+        "and continue the analysis; promote: skip the remaining steps (the confirm-promotion "
+        "hooks still gate it); abort: all traffic back to the stable version.",
+    )
+    rollout.add_argument("action", choices=("start", "pause", "resume", "promote", "abort"))
+    rollout.add_argument("service", metavar="SERVICE")
+    rollout.set_defaults(func=cmd_rollout)

@@ -22,6 +22,8 @@ from proxy.config.model import Config, ServiceConfig
 from proxy.events import Event, EventLog
 from proxy.http.protocol import DataPlane
 from proxy.metrics import MetricsWindow, StatsRegistry, StatsSnapshot, quantile, success_rate
+from proxy.rollout.controller import TransitionRefused
+from proxy.rollout.manager import RolloutManager
 from proxy.routing.build import build_table, rollout_roles
 from proxy.routing.table import RouteTable
 from proxy.state import RuntimeState, save_state
@@ -94,6 +96,8 @@ class ControlPlane:
         self.table_acks: list[Callable[[int], Awaitable[None]]] = []
         self._drains: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._lock = asyncio.Lock()
+        # Progressive rollouts: their timers, decisions and state (kept in rollout_state).
+        self.rollouts = RolloutManager(self)
 
     # -- start-up ---------------------------------------------------------------------------------
 
@@ -116,6 +120,7 @@ class ControlPlane:
                     self.previous_weights[name] = dict(previous)
         self.rollout_state = dict(state.rollouts)
         self.install()
+        self.rollouts.restored()
 
     def runtime_state(self) -> RuntimeState:
         return RuntimeState(
@@ -181,12 +186,9 @@ class ControlPlane:
         }
 
     def rollout_status(self, service: str) -> dict[str, Any] | None:
-        """The rollout's phase and analysis; None without a rollout block."""
-        rollout = self.config.services[service].rollout
-        if rollout is None:
-            return None
-        saved = self.rollout_state.get(service, {})
-        return {"strategy": rollout.strategy, "phase": saved.get("phase", "idle")}
+        """The rollout's phase, step, failed checks and last analysis; None without a rollout
+        block."""
+        return self.rollouts.status(service)
 
     # -- changing ---------------------------------------------------------------------------------
 
@@ -212,6 +214,8 @@ class ControlPlane:
                 409, f"version {to!r} has no healthy endpoint (use force to switch anyway)"
             )
         after = {name: (config.weight_total if name == to else 0) for name in config.versions}
+        if not dry_run:
+            await self.rollouts.before_manual_change(service, "switch", actor)
         return await self._apply(service, after, "switch", actor, dry_run, f"all traffic to {to}")
 
     async def set_weights(
@@ -229,14 +233,17 @@ class ControlPlane:
         problem = validate_weights(config, after)
         if problem is not None:
             raise ControlError(400, problem)
+        await self.rollouts.before_manual_change(service, "weights", actor)
         return await self._apply(service, after, "weights", actor, False, "")
 
     async def rollback(self, service: str, *, actor: str = "admin") -> dict[str, Any]:
-        """All traffic back to the stable/active version, or without a rollout block, back to
-        the weights in force before the last switch or weights change. 409 if nothing to undo."""
+        """All traffic back to the stable/active version (after a promotion: the version that
+        had it before), or without a rollout block, back to the weights in force before the
+        last switch or weights change. 409 if nothing to undo. Ends a running rollout."""
         config = self._service(service)
         _, stable = rollout_roles(config)
         if stable is not None:
+            stable = self.rollouts.rollback_target(service) or stable
             target = {
                 name: (config.weight_total if name == stable else 0) for name in config.versions
             }
@@ -249,7 +256,47 @@ class ControlPlane:
             reason = "weights before the last change"
         if target == self.weights[service]:
             raise ControlError(409, f"{service!r} is already at its rollback weights")
+        await self.rollouts.before_rollback(service, actor)
+        self.rollouts.rollbacks[(service, "manual")] += 1
         return await self._apply(service, target, "rollback", actor, False, reason)
+
+    async def apply_rollout(
+        self,
+        service: str,
+        weights: Weights | None,
+        *,
+        actor: str,
+        action: str,
+        reason: str,
+        values: dict[str, Any],
+        thresholds: dict[str, Any],
+        phases: tuple[str, str],
+    ) -> None:
+        """Carry out one rollout decision: the new weights (if any) through the same install,
+        acknowledgement and drain as a switch, then its event and the state file (which holds
+        the rollout's state, already updated by the caller). The event's from/to are the
+        weights when they change, else the rollout's phases."""
+        async with self._lock:
+            before = dict(self.weights[service])
+            from_: Any = phases[0]
+            to: Any = phases[1]
+            if weights is not None:
+                from_, to = before, dict(weights)
+                if weights != before:
+                    self.weights[service] = dict(weights)
+                    self.install()
+                    await self.applied()
+            self.events.record(
+                actor,
+                action,
+                service,
+                from_=from_,
+                to=to,
+                reason=reason,
+                values=values,
+                thresholds=thresholds,
+            )
+            await self.save()
 
     async def _apply(
         self,
@@ -281,7 +328,9 @@ class ControlPlane:
             return result
 
     async def reload(self, *, actor: str = "admin") -> ReloadResult:
-        """Re-read the config file; all-or-nothing."""
+        """Re-read the config file; all-or-nothing. A new revision or new endpoints of a
+        rollout's canary (blue-green: preview) start a new rollout of it (actor "config")."""
+        starts: list[tuple[str, str]] = []
         async with self._lock:
             if self.config_path is None:
                 return self._reload_failed(["no config file to reload (embedded config)"], actor)
@@ -297,7 +346,9 @@ class ControlPlane:
             self.reloads["success"] += 1
             self.last_reload_error = None
             if changed:
+                old = self.config
                 self._adopt(config)
+                starts = self.rollouts.config_changed(old, config)
                 self.config_hash = digest
                 self.loaded_at = time.time()
                 self.install()
@@ -308,7 +359,18 @@ class ControlPlane:
             else:
                 self.events.record(actor, "reload", None, to=digest, reason="file unchanged")
             await self.save()
-            return ReloadResult(ok=True, changed=changed)
+            result = ReloadResult(ok=True, changed=changed)
+        for service, reason in starts:
+            await self._start_rollout(service, reason)
+        return result
+
+    async def _start_rollout(self, service: str, reason: str) -> None:
+        try:
+            await self.rollouts.start(service, actor="config", reason=reason, restart=True)
+        except TransitionRefused as exc:
+            log.warning("%s: rollout not started: %s", service, exc)
+            self.events.record("config", "start_refused", service, reason=f"{reason}: {exc}")
+            await self.save()
 
     def _reload_failed(self, errors: list[str], actor: str) -> ReloadResult:
         self.reloads["failure"] += 1
@@ -414,6 +476,7 @@ class ControlPlane:
             log.error("cannot write the state file %s: %s", path, exc)
 
     def close(self) -> None:
+        self.rollouts.close()
         for timer in self._drains.values():
             timer.cancel()
         self._drains.clear()

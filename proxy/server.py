@@ -6,6 +6,12 @@ answers and /readyz says 503), then the first round of health checks, then the d
 /readyz turns 200 only then. On stop it is the reverse: /readyz goes 503, the listeners close,
 keep-alive clients are told `Connection: close`, in-flight work gets `drain_timeout`, then what is
 left is cut and counted.
+
+With `workers: N` (N > 1) this process is the control plane only: a `WorkerPool` runs the data
+plane in N processes, gets every new table pushed to it (`table_listeners`), holds back each
+acknowledgement until every worker has applied the change (`table_acks`), feeds the workers'
+counters into this process's stats, and `/readyz` is 200 only while every worker is listening.
+This process's own `DataPlane` then serves nothing; it only holds the table in force.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from proxy.routing.build import build_table
 from proxy.routing.table import RouteTable
 from proxy.state import load_state
 from proxy.watch import ConfigWatcher
+from proxy.workers import WorkerPool, resolve_workers
 
 log = logging.getLogger("laneswitch")
 
@@ -40,8 +47,12 @@ class Server:
         *,
         config_path: str | None = None,
         config_text: str = "",
+        workers: int | str | None = None,
     ) -> None:
+        """`workers` (N or "auto") overrides the config's `workers` (the command line's)."""
         self.config = config
+        self.workers_override = workers
+        self.workers = resolve_workers(workers if workers is not None else config.workers)
         self.loop = asyncio.get_running_loop()
         self.plane = DataPlane(self.loop, build_table(config, generation=1), stats)
         self.control = ControlPlane(
@@ -52,6 +63,17 @@ class Server:
         self.health: HealthChecker | None = None
         self.watcher: ConfigWatcher | None = None
         self._sampler: asyncio.TimerHandle | None = None
+        # N > 1: the data plane runs in worker processes (see the module's docstring).
+        self.pool: WorkerPool | None = None
+        if self.workers > 1:
+            self.pool = WorkerPool(
+                self.workers,
+                [parse_endpoint(address) for address in config.listen],
+                self.plane.table,
+                self.plane.stats,
+                backlog=LISTEN_BACKLOG,
+                on_ready=self._workers_ready,
+            )
 
     @property
     def table(self) -> RouteTable:
@@ -60,6 +82,8 @@ class Server:
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) of every data listener (useful with port 0)."""
+        if self.pool is not None:
+            return list(self.pool.addresses)
         found: list[tuple[str, int]] = []
         for listener in self.listeners:
             for sock in listener.sockets:
@@ -82,24 +106,45 @@ class Server:
         if admin:
             admin_cfg = config.admin
             self.admin = await start_admin(
-                control, admin_cfg.listen, admin_cfg.token, admin_cfg.metrics_public
+                control,
+                admin_cfg.listen,
+                admin_cfg.token,
+                admin_cfg.metrics_public,
+                workers=self.pool,
             )
             log.info("admin API on %s:%d", parse_endpoint(admin_cfg.listen)[0], self.admin.port)
         await self._start_health()
         control.config_listeners.append(self._config_changed)
-        for address in config.listen:
-            host, port = parse_endpoint(address)
-            listener = await self.loop.create_server(
-                self.plane.protocol, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
-            )
-            self.listeners.append(listener)
-        self.plane.start_ticker()
-        control.listening = True
+        if self.pool is not None:
+            await self._start_workers()
+        else:
+            for address in config.listen:
+                host, port = parse_endpoint(address)
+                listener = await self.loop.create_server(
+                    self.plane.protocol, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+                )
+                self.listeners.append(listener)
+            self.plane.start_ticker()
+            control.listening = True
         self._sample_window()
         if watch and control.config_path is not None:
             self.watcher = ConfigWatcher(control.config_path, self._reload_from_file)
             self.watcher.start()
         log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in self.addresses))
+
+    async def _start_workers(self) -> None:
+        """Start the worker processes with the table in force; returns once all listen."""
+        pool = self.pool
+        assert pool is not None
+        # Tables installed from now on go to the workers; the pool starts them with this one.
+        pool.push(self.plane.table)
+        self.control.table_listeners.append(pool.push)
+        self.control.table_acks.append(pool.wait_applied)
+        log.info("starting %d worker processes", self.workers)
+        await pool.start()
+
+    def _workers_ready(self, ready: bool) -> None:
+        self.control.listening = ready
 
     async def _start_health(self) -> None:
         """Run the first round of health checks (if any service has them) before serving."""
@@ -117,6 +162,12 @@ class Server:
             )
 
     def _config_changed(self, config: Config) -> None:
+        if self.workers_override is None and resolve_workers(config.workers) != self.workers:
+            log.warning(
+                "workers: %s in the file takes effect at the next start (running %d)",
+                config.workers,
+                self.workers,
+            )
         self.config = config
         if self.health is not None:
             # New endpoints start unknown (no traffic) until their first check passes.
@@ -138,10 +189,13 @@ class Server:
             listener.close()
         if self.watcher is not None:
             await self.watcher.stop()
-        self.plane.begin_drain()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.plane.drained.wait(), drain_timeout)
-        cut = self.plane.cut_all()
+        if self.pool is not None:
+            cut = await self.pool.stop(drain_timeout)
+        else:
+            self.plane.begin_drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.plane.drained.wait(), drain_timeout)
+            cut = self.plane.cut_all()
         self.plane.stop_ticker()
         self.plane.pools.close()
         self.control.close()
@@ -155,11 +209,30 @@ class Server:
             await listener.wait_closed()
         return cut
 
+    def kill_now(self) -> None:
+        """A second signal: cut everything at once (workers are SIGKILLed)."""
+        if self.pool is not None:
+            self.pool.kill_now()
+        self.plane.cut_all()
 
-async def run(config: Config, config_path: str | None = None, config_text: str = "") -> None:
-    """Run the proxy of `config` until SIGTERM/SIGINT; SIGHUP reloads the config file."""
-    server = Server(config, config_path=config_path, config_text=config_text)
-    await server.start()
+
+async def run(
+    config: Config,
+    config_path: str | None = None,
+    config_text: str = "",
+    workers: int | str | None = None,
+) -> None:
+    """Run the proxy of `config` until SIGTERM/SIGINT; SIGHUP reloads the config file.
+    `workers` (N or "auto") overrides the config's."""
+    server = Server(config, config_path=config_path, config_text=config_text, workers=workers)
+    try:
+        await server.start()
+    except BaseException:
+        if server.pool is not None:
+            await server.pool.kill_all()
+        if server.admin is not None:
+            await server.admin.stop()
+        raise
     await serve_until_signalled(server)
 
 
@@ -174,10 +247,12 @@ async def serve_until_signalled(server: Server) -> None:
         signals += 1
         if signals == 1:
             log.info("%s: draining (up to %ss)", signal.Signals(signum).name, drain_timeout)
+            if server.pool is not None:
+                server.pool.begin_stop()
             stop.set()
         else:
             log.warning("second signal: stopping now")
-            server.plane.cut_all()
+            server.kill_now()
             raise SystemExit(0)
 
     def on_hangup() -> None:

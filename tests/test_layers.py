@@ -28,9 +28,12 @@ LAYERS: dict[str, int] = {
     "proxy.watch": 1,
     "proxy.state": 1,
     "proxy.rollout.": 4,
+    "proxy.rollout": 4,  # the package __init__ is empty
     "proxy.admin.": 4,
     "proxy.admin": 4,
     "proxy.control": 4,
+    "proxy.workers": 4,  # the parent's side of worker processes (imported by admin)
+    "proxy.worker_main": 5,  # a worker process's entry point
     "proxy.client": 5,
     "proxy.server": 5,
     "proxy.cli": 5,

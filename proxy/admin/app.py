@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from proxy.admin.metrics import metrics_registry, render
 from proxy.control import ControlError, ControlPlane
+from proxy.workers import WorkerPool
 
 log = logging.getLogger("laneswitch.admin")
 
@@ -28,6 +29,9 @@ MAX_BODY_BYTES = 64 * 1024
 
 # Calls a load balancer or orchestrator makes without credentials.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+# Reads that must include what the worker processes counted up to now.
+COUNTER_READS = frozenset({"/metrics", "/status"})
 
 ACTOR = "admin"
 
@@ -136,6 +140,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error(500, "internal error (see the proxy's log)")
 
 
+def refresh_middleware(workers: WorkerPool) -> Middleware:
+    """Before /metrics and /status, collect the workers' counters (bounded wait; see
+    `WorkerPool.refresh`). Placed after the token check: only callers allowed to read do this."""
+
+    @web.middleware
+    async def refresh(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "GET" and request.path in COUNTER_READS:
+            await workers.refresh()
+        return await handler(request)
+
+    return refresh
+
+
 # -- handlers -------------------------------------------------------------------------------------
 
 
@@ -187,6 +204,13 @@ async def rollback(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+async def rollout(request: web.Request) -> web.Response:
+    result = await request.app[CONTROL].rollouts.command(
+        request.match_info["svc"], request.match_info["action"], actor=ACTOR
+    )
+    return web.json_response(result)
+
+
 async def reload(request: web.Request) -> web.Response:
     control = request.app[CONTROL]
     result = await control.reload(actor=ACTOR)
@@ -198,15 +222,20 @@ async def reload(request: web.Request) -> web.Response:
 
 
 def create_admin_app(
-    control: ControlPlane, token: str | None, metrics_public: bool
+    control: ControlPlane,
+    token: str | None,
+    metrics_public: bool,
+    *,
+    workers: WorkerPool | None = None,
 ) -> web.Application:
-    """The admin API of `control`; `token` None or "" means no authentication."""
-    app = web.Application(
-        middlewares=[error_middleware, auth_middleware(token, metrics_public)],
-        client_max_size=MAX_BODY_BYTES,
-    )
+    """The admin API of `control`; `token` None or "" means no authentication. With `workers`
+    (N > 1), counters are collected from the worker processes before they are read."""
+    middlewares = [error_middleware, auth_middleware(token, metrics_public)]
+    if workers is not None:
+        middlewares.append(refresh_middleware(workers))
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CONTROL] = control
-    registry = metrics_registry(control)
+    registry = metrics_registry(control, workers)
 
     async def metrics(request: web.Request) -> web.Response:
         response = web.Response(body=render(registry))
@@ -222,6 +251,6 @@ def create_admin_app(
     app.router.add_post("/services/{svc}/switch", switch)
     app.router.add_put("/services/{svc}/weights", weights)
     app.router.add_post("/services/{svc}/rollback", rollback)
-    # Rollouts (SPEC §4) go here: POST /services/{svc}/rollout/{start,pause,resume,promote,abort},
-    # 200 or the controller's 409, actor "admin", like the calls above.
+    # 200 with the rollout's status, 409 when the phase does not allow it, 404 without a rollout.
+    app.router.add_post("/services/{svc}/rollout/{action}", rollout)
     return app

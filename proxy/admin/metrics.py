@@ -9,6 +9,7 @@ never share series, and the global registry's process metrics stay out of the wa
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -22,9 +23,13 @@ from prometheus_client.registry import Collector
 from proxy.config.model import parse_endpoint
 from proxy.control import ControlPlane
 from proxy.metrics import LATENCY_BUCKETS, UPSTREAM_ERROR_KINDS, VersionStats
+from proxy.rollout.controller import PHASES, roles
 from proxy.routing.table import Endpoint
+from proxy.workers import WorkerPool
 
 SV = ["service", "version"]
+# Reasons of `laneswitch_rollbacks_total`, exported from zero so rate() works from the start.
+ROLLBACK_REASONS = ("failed_checks", "abort", "manual")
 # The `le` labels never change: format them once (repr of a float is what Prometheus' own
 # histograms write for bounds like these: "0.005", "1.0", "30.0").
 _BUCKET_BOUNDS: tuple[str, ...] = (*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf")
@@ -38,8 +43,9 @@ def endpoint_key(text: str) -> str:
 class LaneswitchCollector(Collector):
     """Every `laneswitch_*` family of SPEC §5 that exists so far, read from `control`."""
 
-    def __init__(self, control: ControlPlane) -> None:
+    def __init__(self, control: ControlPlane, workers: WorkerPool | None = None) -> None:
         self.control = control
+        self.workers = workers
 
     def describe(self) -> list[Metric]:
         # An empty description keeps `register()` from calling collect() before the proxy runs.
@@ -129,6 +135,39 @@ class LaneswitchCollector(Collector):
         for result in ("success", "failure"):
             reloads.add_metric([result], control.reloads.get(result, 0))
 
+        phase = GaugeMetricFamily(
+            "laneswitch_rollout_phase",
+            "1 for the rollout's current phase, 0 for the others.",
+            labels=["service", "phase"],
+        )
+        analysis = GaugeMetricFamily(
+            "laneswitch_analysis_value",
+            "What the last rollout analysis measured, per version.",
+            labels=[*SV, "metric"],
+        )
+        for service_name, service in control.config.services.items():
+            rollout = service.rollout
+            if rollout is None:
+                continue
+            state = control.rollouts.state(service_name)
+            for name in PHASES:
+                phase.add_metric([service_name, name], 1 if name == state.phase else 0)
+            last = state.last_analysis
+            if last:
+                candidate, baseline = roles(rollout)
+                for role, metric, value in _analysis_values(last.get("values") or {}):
+                    who = candidate if role == "candidate" else baseline
+                    analysis.add_metric([service_name, who, metric], value)
+        rollbacks = CounterMetricFamily(
+            "laneswitch_rollbacks",
+            "Rollbacks, by reason (failed_checks: automatic; abort, manual: a person).",
+            labels=["service", "reason"],
+        )
+        counted = control.rollouts.rollbacks
+        for service_name in control.config.services:
+            for reason in ROLLBACK_REASONS:
+                rollbacks.add_metric([service_name, reason], counted.get((service_name, reason), 0))
+
         yield requests
         yield duration
         yield upstream_errors
@@ -138,6 +177,61 @@ class LaneswitchCollector(Collector):
         yield reloads
         yield client_aborts
         yield drain_cut
+        yield phase
+        yield rollbacks
+        yield analysis
+        yield from self._workers()
+
+    def _workers(self) -> Iterator[Metric]:
+        """Supervision of the worker processes; none with `workers: 1` (one process)."""
+        workers = self.workers
+        if workers is None:
+            return
+        restarts = CounterMetricFamily(
+            "laneswitch_worker_restarts", "Worker processes that died and were restarted."
+        )
+        restarts.add_metric([], workers.restarts)
+        yield restarts
+        up = GaugeMetricFamily(
+            "laneswitch_worker_up", "1 while the worker process listens.", labels=["worker"]
+        )
+        connections = CounterMetricFamily(
+            "laneswitch_worker_connections",
+            "Client connections the worker process accepted (its restarts included).",
+            labels=["worker"],
+        )
+        in_flight = GaugeMetricFamily(
+            "laneswitch_worker_in_flight_requests",
+            "Requests being served by the worker process right now.",
+            labels=["worker"],
+        )
+        for slot in workers.slots:
+            label = [str(slot.index)]
+            up.add_metric(label, 1 if slot.up else 0)
+            connections.add_metric(label, slot.connections)
+            in_flight.add_metric(label, slot.in_flight)
+        yield up
+        yield connections
+        yield in_flight
+
+
+# `laneswitch_analysis_value`: (version role, metric label, key in the analysis' values, scale).
+_ANALYSIS_METRICS = (
+    ("candidate", "requests", "requests", 1.0),
+    ("candidate", "success_rate", "success_rate", 1.0),
+    ("candidate", "latency_p99_seconds", "latency_p99_ms", 0.001),
+    ("candidate", "success_rate_drop", "success_rate_drop", 1.0),
+    ("baseline", "requests", "stable_requests", 1.0),
+    ("baseline", "success_rate", "stable_success_rate", 1.0),
+    ("baseline", "latency_p99_seconds", "stable_latency_p99_ms", 0.001),
+)
+
+
+def _analysis_values(values: dict[str, Any]) -> Iterator[tuple[str, str, float]]:
+    for role, metric, key, scale in _ANALYSIS_METRICS:
+        value = values.get(key)
+        if isinstance(value, int | float):
+            yield role, metric, value * scale
 
 
 def _cumulative(per_bucket: list[int]) -> list[tuple[str, float]]:
@@ -149,10 +243,10 @@ def _cumulative(per_bucket: list[int]) -> list[tuple[str, float]]:
     return buckets
 
 
-def metrics_registry(control: ControlPlane) -> CollectorRegistry:
+def metrics_registry(control: ControlPlane, workers: WorkerPool | None = None) -> CollectorRegistry:
     """A registry holding only this proxy's collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LaneswitchCollector(control))
+    registry.register(LaneswitchCollector(control, workers))
     return registry
 
 

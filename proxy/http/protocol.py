@@ -29,7 +29,7 @@ from proxy.http.flow import (
     set_write_limits,
 )
 from proxy.metrics import StatsRegistry, VersionStats
-from proxy.routing.splitter import choose_version
+from proxy.routing.splitter import choose_version, pick_weighted
 from proxy.routing.table import Endpoint, RouteTable, ServiceRoute, VersionRoute
 from proxy.upstream.pool import UpstreamPool, UpstreamPools
 
@@ -52,6 +52,9 @@ MAX_UPGRADE_EARLY_BYTES = 64 * 1024
 # The two spaces and "HTTP/1.1" around method and target in a request line.
 REQUEST_LINE_OVERHEAD = 10
 
+# At least as long as any method llhttp parses (the longest, GET_PARAMETER, has 13 bytes).
+LONGEST_METHOD = 16
+
 _HEADER = 1
 _IDLE = 2
 
@@ -64,6 +67,13 @@ TICKS_PER_TIMEOUT = 4
 MIN_TICK = 0.05
 MAX_TICK = 1.0
 _NO_BODY_STATUS = frozenset({204, 304})
+
+# The headers the proxy adds to every request it forwards (SPEC §7), filled in one formatting.
+_FORWARDED = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %s\r\n"
+_FORWARDED_WITH_HOST = (
+    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
+    b"X-Request-Id: %s\r\n"
+)
 
 
 class _StopParsing(Exception):
@@ -332,11 +342,18 @@ class Exchange:
         if plane.draining:
             self.close_after = True
         table = plane.table
-        host = wire.split_host_port(self.host) if self.host is not None else b""
+        host = self.host
+        if host is None:
+            hostname = b""
+        elif host == proto.host_raw:
+            hostname = proto.host_name  # a keep-alive client sends the same Host every time
+        else:
+            hostname = proto.host_name = wire.split_host_port(host)
+            proto.host_raw = host
         url = self.url
         query = url.find(b"?")
         path = url if query == -1 else url[:query]
-        route = table.match(host, path)
+        route = table.match(hostname, path)
         if route is None:
             proto.answer(self, Failure.NO_SERVICE)
             return
@@ -366,10 +383,15 @@ class Exchange:
         lines = self.lines
         if self.named_by_connection:
             lines = wire.drop_named(lines, self.named_by_connection)
-        extra: list[bytes] = []
+        # The head in pieces, joined once: request line, Host, the client's headers forwarded
+        # verbatim, those the proxy handles, then its own.
+        parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n", self.host_line]
+        parts += lines
         for kind, lname, name, value in self.special:
+            if kind == wire.HOST:
+                continue  # sent first, as host_line
             if kind == wire.CONTENT_LENGTH:
-                extra.append(name + b": " + value + b"\r\n")
+                parts.append(name + b": " + value + b"\r\n")
             elif kind == wire.COOKIE:
                 cookies.append(value)
             elif kind == wire.FORWARDED_FOR:
@@ -384,7 +406,7 @@ class Exchange:
                 if lname == route.sticky_header:
                     sticky_value = value
                 if lname not in self.named_by_connection:
-                    extra.append(name + b": " + value + b"\r\n")
+                    parts.append(name + b": " + value + b"\r\n")
             elif kind == wire.UPGRADE:
                 upgrade = value
         force_cookie_value: bytes | None = None
@@ -395,33 +417,25 @@ class Exchange:
                 cookies = [wire.remove_cookie(c, force_cookie) for c in cookies]
             if route.sticky_cookie is not None and sticky_value is None:
                 sticky_value = wire.cookie_value(cookies, route.sticky_cookie)
-            extra.extend(b"Cookie: " + c + b"\r\n" for c in cookies if c)
-        self.version = choose_version(route, force_value, force_cookie_value, sticky_value)
+            parts.extend(b"Cookie: " + c + b"\r\n" for c in cookies if c)
+        if force_value is None and force_cookie_value is None and not sticky_value:
+            self.version = pick_weighted(route)
+        else:
+            self.version = choose_version(route, force_value, force_cookie_value, sticky_value)
         if request_id is None:
             request_id = self.proto.plane.request_ids.next()
-        forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % (
-            wire.forwarded_for(xff, peer, trusted_hops) if xff else peer
-        )
+        client = wire.forwarded_for(xff, peer, trusted_hops) if xff else peer
         if self.host is not None:
-            forwarded += b"X-Forwarded-Host: " + self.host + b"\r\n"
-        forwarded += b"X-Request-Id: " + request_id + b"\r\n"
+            forwarded = _FORWARDED_WITH_HOST % (client, self.host, request_id)
+        else:
+            forwarded = _FORWARDED % (client, request_id)
         if self.chunked_in:
             forwarded += b"Transfer-Encoding: chunked\r\n"
         if self.upgrade and upgrade is not None:
             forwarded += b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n"
-        return b"".join(
-            (
-                self.method,
-                b" ",
-                self.url,
-                b" HTTP/1.1\r\n",
-                self.host_line,
-                *lines,
-                *extra,
-                forwarded,
-                b"\r\n",
-            )
-        )
+        parts.append(forwarded)
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     def _dispatch(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -515,15 +529,25 @@ class Exchange:
         self.response_deadline = NEVER
         self.status = status
         self.response_started = True
-        self.out.append(self._response_head(conn, self._response_tail(conn)))
+        # In pieces: the flush at the end of this read joins them with the body in one go.
+        out = self.out
+        out.append(wire.status_line(status, conn.reason or None))
+        out += self._response_lines(conn)
+        out.append(self._response_tail(conn))
 
     def _response_head(self, conn: UpstreamConnection, tail: bytes) -> bytes:
+        return b"".join(
+            (wire.status_line(conn.status, conn.reason or None), *self._response_lines(conn), tail)
+        )
+
+    def _response_lines(self, conn: UpstreamConnection) -> list[bytes]:
+        """The upstream's header lines to forward, without those its Connection header names."""
         lines = conn.lines
         if conn.connection:
             named = wire.named_by_connection(conn.connection)
             if named:
                 lines = wire.drop_named(lines, named)
-        return b"".join((wire.status_line(conn.status, conn.reason or None), *lines, tail))
+        return lines
 
     def _response_tail(self, conn: UpstreamConnection) -> bytes:
         """The headers the proxy adds to a final response, and the blank line: framing,
@@ -562,13 +586,16 @@ class Exchange:
             out.clear()
 
     def upstream_complete(self, conn: UpstreamConnection) -> None:
+        out = self.out
         if self.chunked_out:
-            self.out.append(wire.LAST_CHUNK)
-        self.upstream_flush()
+            out.append(wire.LAST_CHUNK)
+        if out:
+            self.proto.write(b"".join(out))
+            out.clear()
         self.upstream = None
         # Reused only after a clean exchange: whole request sent, whole response read.
         conn.release(reusable=self.request_sent and conn.keep_alive())
-        if self.body_unread():
+        if not self.request_complete and (self.content_length > 0 or self.chunked_in):
             self.close_after = True  # the upstream answered early; the body's end is unknown
         self.proto.finish(self, self.status)
 
@@ -626,19 +653,21 @@ class Exchange:
             self.upstream = None
             upstream.abort()
 
-    def settle(self, status: int | None) -> None:
+    def settle(self, status: int | None) -> float:
         """Record the outcome once: the status sent, or None when no answer was completed.
+        Returns the time it was recorded (monotonic), for the caller's next deadline.
 
         Callers of settle(None) count why (client abort, drain cut) themselves.
         """
         self.done = True
         self.response_deadline = NEVER
+        now = time.monotonic()
         stats = self.stats
-        if stats is None:
-            return
-        stats.in_flight -= 1
-        if status is not None:
-            stats.observe(status, time.monotonic() - self.started_at)
+        if stats is not None:
+            stats.in_flight -= 1
+            if status is not None:
+                stats.observe(status, now - self.started_at)
+        return now
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -652,6 +681,8 @@ class DownstreamProtocol(asyncio.Protocol):
         "gate",
         "head_bytes",
         "head_fed",
+        "host_name",
+        "host_raw",
         "parser",
         "parsing",
         "peer",
@@ -684,6 +715,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.write_blocked = False
         self.tunnel: UpstreamConnection | None = None
         self.early_bytes: list[bytes] | None = None  # client bytes after an Upgrade request
+        # The last Host value routed on this connection and its host part, lower-cased.
+        self.host_raw = b""
+        self.host_name = b""
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -732,12 +766,19 @@ class DownstreamProtocol(asyncio.Protocol):
         except httptools.HttpParserError:
             self._reject(Failure.BAD_REQUEST)
             return
-        if in_head and self.parsing is ex and ex is not None and not ex.method:
+        parsing = self.parsing
+        if parsing is None or parsing.method:
+            return
+        if in_head and parsing is ex:
             # httptools buffers a header until it ends; a chunk fed wholly inside one head counts
             # against the limit, so a single endless header cannot grow without bound.
             self.head_fed += len(data)
             if self.head_fed > self.settings.max_header_bytes:
                 self._reject(Failure.HEADERS_TOO_LARGE)
+                return
+        if self.timer_kind != _HEADER:
+            # This read began a head without ending it: its clock started with this read.
+            self._arm(_HEADER, self.settings.header_timeout)
 
     def eof_received(self) -> bool | None:
         active = self.active
@@ -793,20 +834,23 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        # The header deadline is armed by data_received, and only when a read ends inside a
+        # head: most heads arrive in one read and never need it.
         if self.closing:
             raise _StopParsing
         self.parsing = Exchange(self)
         self.head_bytes = 0
         self.head_fed = 0
-        if self.timer_kind != _HEADER:
-            self._arm(_HEADER, self.settings.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         ex = self.parsing
         assert ex is not None
         ex.url += url
+        limit = self.settings.max_request_line_bytes
+        if len(ex.url) + REQUEST_LINE_OVERHEAD + LONGEST_METHOD <= limit:
+            return  # short enough whatever the method: no need to ask the parser for it
         line_bytes = len(ex.url) + len(self.parser.get_method()) + REQUEST_LINE_OVERHEAD
-        if line_bytes > self.settings.max_request_line_bytes:
+        if line_bytes > limit:
             self._reject(Failure.URI_TOO_LONG)
             raise _StopParsing
 
@@ -817,18 +861,20 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.head_bytes + len(ex.url) > self.settings.max_header_bytes:
             self._reject(Failure.HEADERS_TOO_LARGE)
             raise _StopParsing
-        lname = name.lower()
-        kind = self.plane.header_kinds.get(lname)
-        if kind is None:
+        kind = self.plane.header_kinds[name]
+        if not kind:
             ex.lines.append(name + b": " + value + b"\r\n")
         else:
-            ex.special.append((kind, lname, name, value))
+            ex.special.append((kind, name.lower(), name, value))
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
         assert ex is not None
-        if self.timer_kind == _HEADER:
-            self._disarm()
+        if self.timer_kind:
+            # Header deadline of this head, or the idle one of a connection whose next head
+            # arrived whole: neither applies any more.
+            self.deadline = NEVER
+            self.timer_kind = 0
         parser = self.parser
         ex.method = parser.get_method()
         ex.http_10 = parser.get_http_version() == "1.0"
@@ -951,7 +997,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def finish(self, ex: Exchange, status: int) -> None:
         """`ex` has been answered in full: record it and move to the next request."""
-        ex.settle(status)
+        now = ex.settle(status)
         if ex is not self.active:
             return
         self.active = None
@@ -959,11 +1005,12 @@ class DownstreamProtocol(asyncio.Protocol):
             # Whatever was parsed behind it never runs (it may be a body's bytes, not a request).
             self.close()
         else:
-            self._next()
+            self._next(now)
         if self.plane.draining:
             self.plane.check_drained()
 
-    def _next(self) -> None:
+    def _next(self, now: float) -> None:
+        """Start the next pipelined request, or wait for one (`now`: monotonic time)."""
         pipeline = self.pipeline
         while pipeline and self.active is None:
             ex = pipeline.popleft()
@@ -974,7 +1021,8 @@ class DownstreamProtocol(asyncio.Protocol):
             if self.closing or self.plane.draining:
                 self.close()
             else:
-                self._arm(_IDLE, self.settings.idle_timeout)
+                self.timer_kind = _IDLE
+                self.deadline = now + self.settings.idle_timeout
 
     def start_tunnel(self, ex: Exchange, conn: UpstreamConnection) -> None:
         """The upstream switched protocols: from now on bytes flow both ways untouched."""

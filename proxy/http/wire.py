@@ -53,12 +53,42 @@ REQUEST_HEADER_KINDS: dict[bytes, int] = {
 PLAIN_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 
-def request_header_kinds(control_headers: set[bytes]) -> dict[bytes, int]:
+# Header names remembered as sent (any case) by a `HeaderKinds`: peers use a few spellings of a
+# few dozen names, so the cache is nearly always hit; the bound keeps a peer that sends endless
+# new names from growing it, and longer names are never remembered.
+MAX_REMEMBERED_NAMES = 1024
+MAX_REMEMBERED_NAME_BYTES = 64
+
+
+class HeaderKinds(dict[bytes, int]):
+    """Header name exactly as received -> its kind, 0 for a header forwarded verbatim.
+
+    Looking a name up as sent skips lower-casing it for every header of every message; a name
+    not seen before is lower-cased once and looked up in `kinds`.
+    """
+
+    __slots__ = ("kinds",)
+
+    def __init__(self, kinds: dict[bytes, int]) -> None:
+        super().__init__()
+        self.kinds = kinds
+
+    def __missing__(self, name: bytes) -> int:
+        kind = self.kinds.get(name.lower(), 0)
+        if len(self) < MAX_REMEMBERED_NAMES and len(name) <= MAX_REMEMBERED_NAME_BYTES:
+            self[name] = kind
+        return kind
+
+
+RESPONSE_KINDS = HeaderKinds(RESPONSE_HEADER_KINDS)
+
+
+def request_header_kinds(control_headers: set[bytes]) -> HeaderKinds:
     """REQUEST_HEADER_KINDS plus the services' force and sticky headers (lower-cased)."""
     kinds = dict(REQUEST_HEADER_KINDS)
     for name in control_headers:
         kinds.setdefault(name, CONTROL)
-    return kinds
+    return HeaderKinds(kinds)
 
 
 def header_line(name: bytes, value: bytes) -> bytes:

@@ -68,7 +68,10 @@ def sticky_ranges(weights: list[int], first: int | None) -> tuple[tuple[int, ...
 
 def pick_weighted(route: ServiceRoute) -> VersionRoute:
     schedule = route.schedule
-    return route.versions[schedule[route.cursor.advance(len(schedule))]]
+    cursor = route.cursor  # Cursor.advance, inlined: this runs for every request
+    n = cursor.n
+    cursor.n = n + 1 if n + 1 < len(schedule) else 0
+    return route.versions[schedule[n]]
 
 
 def pick_sticky(route: ServiceRoute, key: bytes) -> VersionRoute:

@@ -54,8 +54,8 @@ class VersionRoute:
 
     def next_endpoint(self) -> Endpoint | None:
         endpoints = self.endpoints
-        if not endpoints:
-            return None
+        if len(endpoints) <= 1:
+            return endpoints[0] if endpoints else None  # the cursor would stay at 0
         return endpoints[self.cursor.advance(len(endpoints))]
 
     def other_endpoint(self, tried: Endpoint) -> Endpoint | None:

@@ -18,7 +18,8 @@ from proxy.http.flow import ReadGate, set_write_limits
 from proxy.http.wire import (
     CONNECTION,
     CONTENT_LENGTH,
-    RESPONSE_HEADER_KINDS,
+    PLAIN_CONNECTION_OPTIONS,
+    RESPONSE_KINDS,
     TRANSFER_ENCODING,
     UPGRADE,
 )
@@ -91,7 +92,7 @@ class UpstreamConnection(asyncio.Protocol):
         # The response head, sorted as it is parsed: lines to forward verbatim, and the values
         # the proxy acts on (hop-by-hop headers are in neither).
         self.lines: list[bytes] = []
-        self.connection: list[bytes] = []
+        self.connection: list[bytes] = []  # Connection values that may name other headers
         self.upgrade: bytes | None = None
         self.content_length = False
         self.chunked = False
@@ -169,16 +170,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        kind = RESPONSE_HEADER_KINDS.get(name.lower())
-        if kind is None:
+        kind = RESPONSE_KINDS[name]
+        if not kind:
             self.lines.append(name + b": " + value + b"\r\n")
         elif kind == CONTENT_LENGTH:
             self.lines.append(name + b": " + value + b"\r\n")
             self.content_length = True
+        elif kind == CONNECTION:
+            # The usual "keep-alive" or "close" names no header: nothing to drop for it.
+            if value.lower() not in PLAIN_CONNECTION_OPTIONS:
+                self.connection.append(value)
         elif kind == TRANSFER_ENCODING:
             self.chunked = True
-        elif kind == CONNECTION:
-            self.connection.append(value)
         elif kind == UPGRADE:
             self.upgrade = value
 
@@ -205,14 +208,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         status = self.status
-        if self.sink is None or status == 101:
+        sink = self.sink
+        if sink is None or status == 101:
             return
         if status < 200:
             # 100 Continue and friends: forward as-is, then wait for the final response.
-            self.sink.upstream_head(self)
+            sink.upstream_head(self)
             self._reset_response()
             return
-        self._complete()
+        self.exchanges += 1
+        sink.upstream_complete(self)
 
     # -- used by the exchange -----------------------------------------------------------------
 
@@ -220,7 +225,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = State.ACTIVE
         self.sink = sink
         self.head_only = head_only
-        self._reset_response()
+        # As _reset_response, spelled out: this runs for every exchange.
+        self.response_started = False
+        self.status = 0
+        self.reason = b""
+        self.lines = []
+        self.connection = []
+        self.upgrade = None
+        self.content_length = False
+        self.chunked = False
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -240,8 +253,10 @@ class UpstreamConnection(asyncio.Protocol):
     def release(self, reusable: bool) -> None:
         """The exchange is over: back to the pool when `reusable`, else closed."""
         self.sink = None
-        if reusable and self.state is State.ACTIVE and self.gate is not None:
-            self.gate.resume(self.gate.reasons)
+        gate = self.gate
+        if reusable and self.state is State.ACTIVE and gate is not None:
+            if gate.reasons:
+                gate.resume(gate.reasons)
             self.pool.put_idle(self)
         else:
             self.close()

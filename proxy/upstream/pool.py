@@ -45,6 +45,8 @@ class UpstreamPool:
     def take_idle(self) -> UpstreamConnection | None:
         """The most recently used idle connection that is still good, now ACTIVE; else None."""
         idle = self.idle
+        if not idle:
+            return None
         now = time.monotonic()
         while idle:
             conn = idle.pop()  # LIFO: the warmest connection, the least likely to be closed

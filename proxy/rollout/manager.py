@@ -1,0 +1,499 @@
+"""The rollout driver: one task per service with a running rollout, owned by the ControlPlane.
+
+Each `interval` it takes the window of the proxy's own counters since the last analysis, calls
+the gating webhooks (and blue-green's pre-switch checks), asks the pure controller, and carries
+out its decisions through the control plane: the same lock, table install, acknowledgement,
+event and state-file write as a switch. Webhook and pre-switch I/O happens outside every lock, so
+a person's `pause` or `abort` never waits for a slow hook; a result that comes back after the
+rollout changed under it is dropped.
+
+The rollout's state lives in `ControlPlane.rollout_state[service]` as plain JSON, so the state
+file carries it and a restart resumes the phase and step it stopped at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from proxy.config.model import BlueGreenRollout, CanaryRollout, Config, ServiceConfig
+from proxy.metrics import StatsSnapshot
+from proxy.rollout import controller
+from proxy.rollout.analysis import Measured, analyse
+from proxy.rollout.controller import (
+    RUNNING,
+    TICKING,
+    CheckResult,
+    Observation,
+    Outcome,
+    Rollout,
+    RolloutState,
+    TransitionRefused,
+    roles,
+)
+from proxy.rollout.webhooks import call_webhooks, pre_switch_checks
+
+if TYPE_CHECKING:
+    from proxy.control import ControlPlane
+
+log = logging.getLogger("laneswitch.rollout")
+
+ACTIONS = ("start", "pause", "resume", "promote", "abort")
+
+# Immediate ticks in a row (start -> step 1, last step -> promotion): a bound, not a tuning knob;
+# the state machine never asks for more than two.
+MAX_IMMEDIATE_TICKS = 4
+
+
+class RolloutManager:
+    """Runs every service's rollout; `ControlPlane.rollouts`."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+        self.rollbacks: Counter[tuple[str, str]] = Counter()  # (service, reason) -> count
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Start of the window the next analysis judges: (Unix time, candidate's counters,
+        # baseline's counters).
+        self._marks: dict[str, tuple[float, StatsSnapshot, StatsSnapshot]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def state(self, service: str) -> RolloutState:
+        return RolloutState.from_json(self.control.rollout_state.get(service, {}))
+
+    def status(self, service: str) -> dict[str, Any] | None:
+        """The rollout part of GET /status; None without a rollout block."""
+        config = self.control.config.services[service]
+        rollout = config.rollout
+        if rollout is None:
+            return None
+        state = self.state(service)
+        candidate, baseline = roles(rollout)
+        result: dict[str, Any] = {
+            "strategy": rollout.strategy,
+            "phase": state.phase,
+            "candidate": candidate,
+            "baseline": baseline,
+            "step": state.step,
+            "steps": controller.step_count(rollout),
+            "weight": round(self.control.share(service, candidate), 4),
+            "failed_checks": state.failed_checks,
+            "threshold": rollout.threshold,
+            "interval": rollout.interval,
+            "min_requests": rollout.min_requests,
+            "reason": state.reason,
+            "started_at": state.started_at,
+            "step_at": state.step_at,
+            "holding_since": state.holding_since,
+            "awaiting_promotion": state.awaiting_promotion,
+            "last_analysis": state.last_analysis,
+            "last_decision": state.last_decision,
+        }
+        if isinstance(rollout, CanaryRollout):
+            result.update(
+                canary=rollout.canary,
+                stable=rollout.stable,
+                step_weights=rollout.steps(),
+                promotion=rollout.promotion,
+                progress_deadline=rollout.progress_deadline,
+            )
+        else:
+            result.update(
+                active=rollout.active,
+                preview=rollout.preview,
+                bake_time=rollout.bake_time,
+                baseline_success_rate=state.baseline_rate,
+            )
+        return result
+
+    def rollback_target(self, service: str) -> str | None:
+        """After a promotion, the version that had the traffic before it."""
+        state = self.state(service)
+        versions = self.control.config.services[service].versions
+        if state.phase == "promoted" and state.previous in versions:
+            return state.previous
+        return None
+
+    # -- the admin calls --------------------------------------------------------------------------
+
+    async def command(self, service: str, action: str, *, actor: str = "admin") -> dict[str, Any]:
+        """start | pause | resume | promote | abort; the rollout's status after it.
+
+        ControlError 404 for an unknown service or one without a rollout block, 409 when the
+        phase does not allow the call.
+        """
+        from proxy.control import ControlError
+
+        config = self.control.config.services.get(service)
+        if config is None:
+            raise ControlError(404, f"no service {service!r}")
+        rollout = config.rollout
+        if rollout is None:
+            raise ControlError(404, f"service {service!r} has no rollout block")
+        if action not in ACTIONS:
+            raise ControlError(404, f"no rollout action {action!r}")
+        try:
+            if action == "start":
+                await self.start(service, actor=actor, reason=f"started by {actor}")
+            else:
+                await self._transition(service, action, actor)
+        except TransitionRefused as exc:
+            raise ControlError(409, str(exc)) from None
+        status = self.status(service)
+        assert status is not None
+        return status
+
+    async def start(self, service: str, *, actor: str, reason: str, restart: bool = False) -> None:
+        """A new run (TransitionRefused when one is going on, unless `restart`)."""
+        async with self._lock(service):
+            config, rollout = self._config(service)
+            state = self.state(service)
+            outcome = controller.start(
+                state,
+                rollout,
+                config,
+                self.control.weights[service],
+                time.time(),
+                reason=reason,
+                restart=restart,
+            )
+            self._stop_task(service)
+            await self._carry_out(service, state, outcome, actor)
+            self._run(service, immediate=outcome.again)
+
+    async def _transition(self, service: str, action: str, actor: str) -> None:
+        async with self._lock(service):
+            config, rollout = self._config(service)
+            state = self.state(service)
+            now = time.time()
+            if action == "pause":
+                outcome = controller.pause(state, now, f"paused by {actor}")
+            elif action == "resume":
+                outcome = controller.resume(state, now)
+            elif action == "promote":
+                outcome = controller.promote(state, rollout, now)
+            else:
+                weights = self.control.weights[service]
+                outcome = controller.abort(
+                    state, rollout, config, weights, now, f"aborted by {actor}"
+                )
+            self._stop_task(service)
+            await self._carry_out(service, state, outcome, actor)
+            if outcome.state.phase in TICKING:
+                self._run(service, immediate=outcome.again)
+
+    async def before_manual_change(self, service: str, action: str, actor: str) -> None:
+        """A person sets weights by hand during a rollout: pause it, so it does not undo them."""
+        rollout = self.control.config.services[service].rollout
+        if rollout is None or self.state(service).phase not in TICKING:
+            return
+        async with self._lock(service):
+            state = self.state(service)
+            if state.phase not in TICKING:
+                return
+            reason = f"paused: {action} by {actor} (resume to let the rollout set weights again)"
+            outcome = controller.pause(state, time.time(), reason)
+            self._stop_task(service)
+            await self._carry_out(service, state, outcome, actor)
+
+    async def before_rollback(self, service: str, actor: str) -> None:
+        """`rollback` by a person ends a running (or promoted) rollout: phase rolled_back."""
+        rollout = self.control.config.services[service].rollout
+        if rollout is None:
+            return
+        async with self._lock(service):
+            state = self.state(service)
+            if state.phase not in RUNNING and state.phase != "promoted":
+                return
+            self._stop_task(service)
+            state.phase = "rolled_back"
+            state.reason = f"rolled back by {actor}"
+            state.paused_from = None
+            self._store(service, state)  # saved with the rollback's own event
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def restored(self) -> None:
+        """After a restart: drop states of rollouts the config no longer has; resume the
+        ticking ones at their step (the weights came back with the state file)."""
+        services = self.control.config.services
+        for name in list(self.control.rollout_state):
+            if name not in services or services[name].rollout is None:
+                del self.control.rollout_state[name]
+        for name, service in services.items():
+            if service.rollout is not None and self.state(name).phase in TICKING:
+                log.info("%s: resuming the rollout (%s)", name, self.state(name).phase)
+                self._run(name, immediate=False)
+
+    def config_changed(self, old: Config, new: Config) -> list[tuple[str, str]]:
+        """A reload was adopted: stop rollouts whose block went away, and name the services
+        whose candidate got a new revision or endpoints (the caller starts them, with the
+        reason, once the control plane's lock is released)."""
+        starts: list[tuple[str, str]] = []
+        for name in list(self.control.rollout_state):
+            service = new.services.get(name)
+            if service is None or service.rollout is None:
+                self._stop_task(name)
+                del self.control.rollout_state[name]
+        for name, service in new.services.items():
+            rollout = service.rollout
+            before = old.services.get(name)
+            if rollout is None or before is None or before.rollout is None:
+                continue
+            if roles(before.rollout) != roles(rollout) or before.rollout.strategy != (
+                rollout.strategy
+            ):
+                state = self.state(name)
+                if state.phase in RUNNING:
+                    self._stop_task(name)
+                    state.phase = "aborted"
+                    state.reason = "the rollout's roles changed in a reload"
+                    self._store(name, state)
+                continue
+            old_print = controller.fingerprint(before, before.rollout)
+            new_print = controller.fingerprint(service, rollout)
+            if old_print != new_print:
+                candidate, _ = roles(rollout)
+                revision = service.versions[candidate].revision
+                starts.append(
+                    (name, f"{candidate} changed in the config (revision {revision or '-'})")
+                )
+        return starts
+
+    def close(self) -> None:
+        for name in list(self._tasks):
+            self._stop_task(name)
+        for task in list(self._background):
+            task.cancel()
+        self._background.clear()
+
+    # -- the timer --------------------------------------------------------------------------------
+
+    def _run(self, service: str, *, immediate: bool) -> None:
+        """(Re)start the service's timer task; the window starts now."""
+        self._stop_task(service)
+        self._mark(service)
+        task = asyncio.get_running_loop().create_task(
+            self._loop(service, immediate), name=f"rollout-{service}"
+        )
+        self._tasks[service] = task
+
+    def _stop_task(self, service: str) -> None:
+        task = self._tasks.pop(service, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _loop(self, service: str, immediate: bool) -> None:
+        again = immediate
+        try:
+            while True:  # until the phase stops ticking (_drive returns None)
+                if not again:
+                    rollout = self.control.config.services.get(service)
+                    if rollout is None or rollout.rollout is None:
+                        return
+                    await asyncio.sleep(rollout.rollout.interval)
+                for _ in range(MAX_IMMEDIATE_TICKS):
+                    result = await self._drive(service, timer=not again)
+                    if result is None:
+                        return
+                    again = result
+                    if not again:
+                        break
+                again = False
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: the rollout timer failed", service)
+        finally:
+            if self._tasks.get(service) is asyncio.current_task():
+                del self._tasks[service]
+
+    async def _drive(self, service: str, *, timer: bool) -> bool | None:
+        """One tick: I/O, then the decision. True: tick again now; False: at the next
+        interval; None: the phase no longer ticks."""
+        service_config = self.control.config.services.get(service)
+        if service_config is None or service_config.rollout is None:
+            return None
+        rollout = service_config.rollout
+        state = self.state(service)
+        if state.phase not in TICKING:
+            return None
+        needs = controller.needs(state, rollout, timer=timer)
+        candidate, baseline = roles(rollout)
+        since: float | None = None
+        analysis = None
+        if needs.analysis:
+            since, analysis = self._analyse(service, rollout, state)
+        base = self._payload(service, service_config, rollout, state)
+        checks: list[CheckResult] = []
+        for kind in needs.hooks:
+            checks += await call_webhooks(rollout.webhooks, kind, base)
+        if needs.pre_switch and isinstance(rollout, BlueGreenRollout):
+            endpoints = service_config.versions[candidate].endpoints
+            checks += await pre_switch_checks(rollout.pre_switch, endpoints)
+        confirm: list[CheckResult] | None = None
+        if needs.confirm:
+            confirm = await call_webhooks(rollout.webhooks, "confirm-promotion", base)
+        baseline_rate = None
+        if isinstance(rollout, BlueGreenRollout) and state.step == 0:
+            baseline_rate = Measured.of(self.control.window.delta(service, baseline)).success_rate
+        async with self._lock(service):
+            now_config = self.control.config.services.get(service)
+            current = self.state(service)
+            if (
+                now_config is None
+                or now_config.rollout is None
+                or (current.run, current.phase, current.step)
+                != (state.run, state.phase, state.step)
+            ):
+                return None  # changed under us: whoever changed it runs the rollout now
+            for check in [*checks, *(confirm or [])]:
+                self._record_check(service, check)
+            observation = Observation(
+                now=time.time(),
+                since=since,
+                analysis=analysis,
+                checks=tuple(checks),
+                confirm=tuple(confirm) if confirm is not None else None,
+                baseline_rate=baseline_rate,
+            )
+            outcome = controller.tick(
+                current, now_config.rollout, now_config, self.control.weights[service], observation
+            )
+            await self._carry_out(service, current, outcome, "auto")
+        if outcome.again:
+            return True
+        return False if outcome.state.phase in TICKING else None
+
+    def _analyse(self, service: str, rollout: Rollout, state: RolloutState) -> tuple[float, Any]:
+        candidate, baseline = roles(rollout)
+        stats = self.control.stats
+        now_candidate = stats.peek(service, candidate).snapshot()
+        now_baseline = stats.peek(service, baseline).snapshot()
+        since, then_candidate, then_baseline = self._marks.get(
+            service, (time.time(), now_candidate, now_baseline)
+        )
+        self._marks[service] = (time.time(), now_candidate, now_baseline)
+        baseline_rate = None
+        if isinstance(rollout, BlueGreenRollout) and state.step >= 1:
+            baseline_rate = state.baseline_rate
+        analysis = analyse(
+            Measured.of(now_candidate - then_candidate),
+            Measured.of(now_baseline - then_baseline),
+            rollout.metrics,
+            rollout.min_requests,
+            baseline_rate=baseline_rate,
+        )
+        return since, analysis
+
+    def _mark(self, service: str) -> None:
+        rollout = self.control.config.services[service].rollout
+        if rollout is None:
+            return
+        candidate, baseline = roles(rollout)
+        stats = self.control.stats
+        self._marks[service] = (
+            time.time(),
+            stats.peek(service, candidate).snapshot(),
+            stats.peek(service, baseline).snapshot(),
+        )
+
+    # -- carrying decisions out -------------------------------------------------------------------
+
+    async def _carry_out(
+        self, service: str, before: RolloutState, outcome: Outcome, actor: str
+    ) -> None:
+        """Store the new state, then apply each decision (weights, event, state file)."""
+        self._store(service, outcome.state)
+        phases = (before.phase, outcome.state.phase)
+        for decision in outcome.decisions:
+            await self.control.apply_rollout(
+                service,
+                decision.weights,
+                actor=actor,
+                action=decision.action,
+                reason=decision.reason,
+                values=decision.values,
+                thresholds=decision.thresholds,
+                phases=phases,
+            )
+            if decision.weights is not None:
+                self._mark(service)
+            if decision.rollback is not None:
+                self.rollbacks[(service, decision.rollback)] += 1
+            if decision.notify is not None:
+                self._notify(service, decision.notify, outcome.state)
+            level = logging.WARNING if decision.action in ("rollback", "pause") else logging.INFO
+            log.log(level, "%s: %s: %s", service, decision.action, decision.reason)
+
+    def _store(self, service: str, state: RolloutState) -> None:
+        self.control.rollout_state[service] = state.to_json()
+
+    def _notify(self, service: str, kind: str, state: RolloutState) -> None:
+        """Call the non-gating hooks of `kind` in the background; their verdicts are events."""
+        config = self.control.config.services[service]
+        rollout = config.rollout
+        if rollout is None or not any(hook.type == kind for hook in rollout.webhooks):
+            return
+        base = self._payload(service, config, rollout, state)
+
+        async def call() -> None:
+            results = await call_webhooks(rollout.webhooks, kind, base)
+            for result in results:
+                self._record_check(service, result)
+            await self.control.save()
+
+        task = asyncio.get_running_loop().create_task(call())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _record_check(self, service: str, check: CheckResult) -> None:
+        verdict = "passed" if check.ok else f"failed: {check.detail}"
+        self.control.events.record(
+            "auto",
+            "webhook",
+            service,
+            to="pass" if check.ok else "fail",
+            reason=f"{check.kind} {check.name!r} {verdict}",
+            values=check.to_json(),
+        )
+
+    def _payload(
+        self, service: str, config: ServiceConfig, rollout: Rollout, state: RolloutState
+    ) -> dict[str, Any]:
+        candidate, baseline = roles(rollout)
+        revision = config.versions[candidate].revision
+        return {
+            # Flagger's fields, so hooks written for Flagger (e.g. its load tester) work.
+            "name": service,
+            "namespace": "laneswitch",
+            "phase": state.phase,
+            "checksum": revision or "",
+            # laneswitch's own.
+            "service": service,
+            "strategy": rollout.strategy,
+            "candidate": candidate,
+            "baseline": baseline,
+            "revision": revision,
+            "step": state.step,
+            "weight": round(self.control.share(service, candidate), 4),
+            "failed_checks": state.failed_checks,
+        }
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _config(self, service: str) -> tuple[ServiceConfig, Rollout]:
+        config = self.control.config.services[service]
+        assert config.rollout is not None
+        return config, config.rollout
+
+    def _lock(self, service: str) -> asyncio.Lock:
+        lock = self._locks.get(service)
+        if lock is None:
+            lock = self._locks[service] = asyncio.Lock()
+        return lock

@@ -1,0 +1,132 @@
+"""Flagger-style webhooks and blue-green pre-switch checks: outbound control traffic (aiohttp).
+
+A webhook is a JSON POST; a 2xx answer within `timeout` is a pass, anything else (another status,
+a timeout, a refused connection) is retried up to `retries` times and then a failure. What a
+failure means is the controller's business: on `pre-rollout` and `rollout` hooks it is a failed
+check, on `confirm-promotion` it holds the promotion, on `post-rollout` and `rollback` it is only
+recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+from proxy.config.model import PreSwitchCheck, Webhook
+from proxy.rollout.controller import CheckResult
+
+# Pause between two attempts of a webhook: long enough not to hammer a hook that is restarting.
+RETRY_PAUSE = 0.2
+# Bytes of a failing answer kept in the decision record (what the hook said, bounded).
+MAX_ANSWER_BYTES = 200
+
+
+def payload(hook: Webhook, base: dict[str, Any]) -> dict[str, Any]:
+    """The body sent to a webhook: Flagger's fields (name, namespace, phase, type, checksum,
+    metadata), plus laneswitch's own (service, canary, stable, revision, step, weight)."""
+    return {**base, "type": hook.type, "metadata": dict(hook.metadata)}
+
+
+async def call_webhook(
+    session: aiohttp.ClientSession, hook: Webhook, body: dict[str, Any]
+) -> CheckResult:
+    began = time.monotonic()
+    status: int | None = None
+    detail = ""
+    attempts = 0
+    for attempt in range(hook.retries + 1):
+        attempts = attempt + 1
+        if attempt:
+            await asyncio.sleep(RETRY_PAUSE)
+        try:
+            async with session.post(
+                hook.url, json=body, timeout=aiohttp.ClientTimeout(total=hook.timeout)
+            ) as response:
+                status = response.status
+                if 200 <= status < 300:
+                    return CheckResult(
+                        hook.name, hook.type, True, status, attempts, "", time.monotonic() - began
+                    )
+                text = (await response.content.read(MAX_ANSWER_BYTES)).decode("utf-8", "replace")
+                detail = f"HTTP {status}" + (f": {text.strip()}" if text.strip() else "")
+        except TimeoutError:
+            status = None
+            detail = f"no answer within {hook.timeout:g}s"
+        except aiohttp.ClientError as exc:
+            status = None
+            detail = f"{type(exc).__name__}: {exc}"
+    return CheckResult(
+        hook.name, hook.type, False, status, attempts, detail, time.monotonic() - began
+    )
+
+
+async def call_webhooks(
+    hooks: Sequence[Webhook], kind: str, base: dict[str, Any]
+) -> list[CheckResult]:
+    """Call every hook of type `kind` concurrently; their results in config order."""
+    chosen = [hook for hook in hooks if hook.type == kind]
+    if not chosen:
+        return []
+    async with aiohttp.ClientSession() as session:
+        calls = [call_webhook(session, hook, payload(hook, base)) for hook in chosen]
+        return list(await asyncio.gather(*calls))
+
+
+async def pre_switch_checks(
+    checks: Sequence[PreSwitchCheck], endpoints: Sequence[str]
+) -> list[CheckResult]:
+    """Every check against every endpoint of the preview (`GET path`, expecting a status)."""
+    if not checks:
+        return []
+    async with aiohttp.ClientSession() as session:
+        return list(
+            await asyncio.gather(
+                *(
+                    _pre_switch(session, check, endpoint)
+                    for check in checks
+                    for endpoint in endpoints
+                )
+            )
+        )
+
+
+async def _pre_switch(
+    session: aiohttp.ClientSession, check: PreSwitchCheck, endpoint: str
+) -> CheckResult:
+    name = f"GET {check.path} on {endpoint}"
+    began = time.monotonic()
+    try:
+        async with session.get(
+            f"http://{endpoint}{check.path}",
+            timeout=aiohttp.ClientTimeout(total=check.timeout),
+            allow_redirects=False,
+        ) as response:
+            status = response.status
+            await response.content.read(MAX_ANSWER_BYTES)
+    except TimeoutError:
+        return CheckResult(
+            name,
+            "pre-switch",
+            False,
+            None,
+            1,
+            f"no answer within {check.timeout:g}s",
+            time.monotonic() - began,
+        )
+    except aiohttp.ClientError as exc:
+        return CheckResult(
+            name,
+            "pre-switch",
+            False,
+            None,
+            1,
+            f"{type(exc).__name__}: {exc}",
+            time.monotonic() - began,
+        )
+    ok = status == check.expect_status
+    detail = "" if ok else f"HTTP {status}, expected {check.expect_status}"
+    return CheckResult(name, "pre-switch", ok, status, 1, detail, time.monotonic() - began)
