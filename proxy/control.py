@@ -94,7 +94,6 @@ class ControlPlane:
         # Awaited with a table generation before a change is acknowledged to its caller: they
         # return once every process serving traffic has applied that table (or a later one).
         self.table_acks: list[Callable[[int], Awaitable[None]]] = []
-        self._drains: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._lock = asyncio.Lock()
         # Progressive rollouts: their timers, decisions and state (kept in rollout_state).
         self.rollouts = RolloutManager(self)
@@ -418,44 +417,12 @@ class ControlPlane:
     # -- the table --------------------------------------------------------------------------------
 
     def install(self) -> None:
-        """Build a table from config + weights + health, install it, drain what lost traffic."""
+        """Build a table from config + weights + health and install it."""
         self.generation += 1
         table = build_table(self.config, self.weights, self.unhealthy, self.generation)
-        old = self.plane.table
-        self.plane.install(table)
+        self.plane.install(table)  # drains, in every process, what lost its traffic
         for listener in self.table_listeners:
             listener(table)
-        self._drain_losers(old, table)
-
-    def _drain_losers(self, old: RouteTable, new: RouteTable) -> None:
-        """Versions that lost all their traffic stop reusing upstream connections now, and what
-        is still in flight on them at `drain_timeout` is cut (SPEC §8 promise 2)."""
-        for service in old.services:
-            new_service = new.service(service.name)
-            for version in service.versions:
-                key = (service.name, version.name)
-                now_version = new_service.version(version.name) if new_service else None
-                if now_version is not None and now_version.weight > 0:
-                    timer = self._drains.pop(key, None)
-                    if timer is not None:
-                        timer.cancel()  # traffic is back before the drain ended
-                    continue
-                if version.weight == 0:
-                    continue
-                self.plane.pools.retire(set(version.all_endpoints))
-                began = time.monotonic()
-                timer = self._drains.pop(key, None)
-                if timer is not None:
-                    timer.cancel()
-                self._drains[key] = self.plane.loop.call_later(
-                    self.config.drain_timeout, self._cut_drained, key, began
-                )
-
-    def _cut_drained(self, key: tuple[str, str], began: float) -> None:
-        self._drains.pop(key, None)
-        cut = self.plane.cut_version(key[0], key[1], began)
-        if cut:
-            log.warning("%s/%s: %d request(s) cut at the drain timeout", key[0], key[1], cut)
 
     async def applied(self) -> None:
         """Wait until every serving process has the table in force (see `table_acks`)."""
@@ -477,9 +444,6 @@ class ControlPlane:
 
     def close(self) -> None:
         self.rollouts.close()
-        for timer in self._drains.values():
-            timer.cancel()
-        self._drains.clear()
 
     def _service(self, name: str) -> ServiceConfig:
         service = self.config.services.get(name)

@@ -197,6 +197,7 @@ class Server:
                 await asyncio.wait_for(self.plane.drained.wait(), drain_timeout)
             cut = self.plane.cut_all()
         self.plane.stop_ticker()
+        self.plane.stop_drains()
         self.plane.pools.close()
         self.control.close()
         if self._sampler is not None:

@@ -115,6 +115,7 @@ class DataPlane:
         "connections",
         "drained",
         "draining",
+        "drains",
         "header_kinds",
         "loop",
         "pools",
@@ -140,12 +141,53 @@ class DataPlane:
         self.drained = asyncio.Event()  # set once draining and nothing is in flight
         self.header_kinds = wire.request_header_kinds(control_headers(table))
         self.ticker: asyncio.TimerHandle | None = None
+        # Versions draining after they lost all their traffic -> the timer that cuts what is
+        # left on them at drain_timeout.
+        self.drains: dict[tuple[str, str], asyncio.TimerHandle] = {}
 
     def install(self, table: RouteTable) -> None:
-        """Swap in a new routing snapshot; requests already placed keep their version."""
+        """Swap in a new routing snapshot; requests already placed keep their version, and
+        versions that lost all their traffic are drained."""
+        old = self.table
         self.table = table
         self.header_kinds = wire.request_header_kinds(control_headers(table))
         self.pools.set_idle_timeout(table.settings.idle_timeout)
+        self._drain_losers(old, table)
+
+    def _drain_losers(self, old: RouteTable, new: RouteTable) -> None:
+        """A version that lost all its traffic stops reusing its upstream connections now (idle
+        ones close, busy ones after their exchange), and what is still in flight on it at
+        `drain_timeout` is cut and counted (SPEC §8 promise 2)."""
+        for service in old.services:
+            new_service = new.service(service.name)
+            for version in service.versions:
+                key = (service.name, version.name)
+                now = new_service.version(version.name) if new_service is not None else None
+                if now is not None and now.weight > 0:
+                    timer = self.drains.pop(key, None)
+                    if timer is not None:
+                        timer.cancel()  # traffic came back before the drain ended
+                    continue
+                if version.weight == 0:
+                    continue
+                self.pools.retire(set(version.all_endpoints))
+                timer = self.drains.pop(key, None)
+                if timer is not None:
+                    timer.cancel()
+                self.drains[key] = self.loop.call_later(
+                    new.settings.drain_timeout, self._cut_drained, key, time.monotonic()
+                )
+
+    def _cut_drained(self, key: tuple[str, str], began: float) -> None:
+        self.drains.pop(key, None)
+        cut = self.cut_version(key[0], key[1], began)
+        if cut:
+            log.warning("%s/%s: %d request(s) cut at the drain timeout", key[0], key[1], cut)
+
+    def stop_drains(self) -> None:
+        for timer in self.drains.values():
+            timer.cancel()
+        self.drains.clear()
 
     def start_ticker(self) -> None:
         """Start checking every connection's deadlines (header, idle, response timeouts)."""
