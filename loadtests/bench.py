@@ -798,9 +798,17 @@ def scaling_lines(results: list[ProxyResult]) -> list[str]:
         many_rps = many_run.requests_per_s if many_run else None
         lines.append(
             f"{proxy:<11} 1 worker {fmt(one_rps, 0):>8} req/s -> {many}: {fmt(many_rps, 0):>8}"
-            f" req/s   x{fmt(ratio, 2)}"
+            f" req/s   x{fmt(ratio, 2)}   per proxy CPU-second: {fmt(per_cpu(one.small), 0)}"
+            f" -> {fmt(per_cpu(many_run), 0)} req"
         )
     return lines
+
+
+def per_cpu(run: WrkResult | None) -> float | None:
+    """Requests per second of CPU the proxy's process tree used: what a worker costs."""
+    if run is None or not run.proxy_cpu_pct:
+        return None
+    return run.requests_per_s / (run.proxy_cpu_pct / 100)
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

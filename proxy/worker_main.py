@@ -199,6 +199,7 @@ class Worker:
                 await asyncio.wait_for(plane.drained.wait(), drain_timeout)
             cut = plane.cut_all()
             plane.stop_ticker()
+            plane.stop_drains()
             plane.pools.close()
         if self.reporter is not None:
             self.reporter.cancel()
