@@ -20,7 +20,7 @@ from typing import Any
 from proxy.config.loader import ConfigError, config_digest, parse_config
 from proxy.config.model import Config, ServiceConfig
 from proxy.events import Event, EventLog
-from proxy.http.protocol import DataPlane
+from proxy.http.plane import DataPlane
 from proxy.metrics import MetricsWindow, StatsRegistry, StatsSnapshot, quantile, success_rate
 from proxy.rollout.controller import TransitionRefused
 from proxy.rollout.manager import RolloutManager

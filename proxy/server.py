@@ -25,7 +25,7 @@ from proxy.admin.server import AdminServer, start_admin
 from proxy.config.model import Config, parse_endpoint
 from proxy.control import ControlPlane
 from proxy.health import HealthChecker, targets_from_config
-from proxy.http.protocol import DataPlane
+from proxy.http.plane import DataPlane
 from proxy.metrics import StatsRegistry
 from proxy.routing.build import build_table
 from proxy.routing.table import RouteTable

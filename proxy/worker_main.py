@@ -24,7 +24,8 @@ from typing import Any
 
 import uvloop
 
-from proxy.http.protocol import DataPlane, DownstreamProtocol
+from proxy.http.plane import DataPlane
+from proxy.http.protocol import DownstreamProtocol
 from proxy.routing.table import RouteTable
 from proxy.workers import (
     APPLIED,

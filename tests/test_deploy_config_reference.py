@@ -24,7 +24,7 @@ def test_readme_configuration_reference_matches_the_models() -> None:
     start = readme.index("<!-- config-reference:start")
     start = readme.index("\n", start) + 1
     end = readme.index("<!-- config-reference:end -->")
-    assert readme[start:end] == reference(), (
+    assert readme[start:end].strip("\n") == reference().strip("\n"), (
         "README.md's configuration reference is out of date: run scripts/config-reference --write"
     )
 

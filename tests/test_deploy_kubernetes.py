@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,6 @@ def embedded_configs() -> list[tuple[str, str]]:
 
 
 def laneswitch_command() -> list[str]:
-    import sys
-
     script = Path(sys.executable).parent / "laneswitch"
     return [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
 

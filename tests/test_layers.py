@@ -24,6 +24,8 @@ LAYERS: dict[str, int] = {
     "proxy.upstream.": 2,
     "proxy.health": 2,
     "proxy.http.protocol": 3,
+    "proxy.http.exchange": 3,
+    "proxy.http.plane": 3,
     "proxy.events": 1,
     "proxy.watch": 1,
     "proxy.state": 1,

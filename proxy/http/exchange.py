@@ -1,0 +1,505 @@
+"""One request and its response: routing, the upstream side, and the answer (SPEC §3, §7).
+
+An `Exchange` is created by the client connection (`proxy.http.protocol`) for every request
+head; it picks a version and an endpoint from the route table, takes a pooled upstream
+connection (or opens one: the only await on the request path), streams the body up and the
+response back, and is the upstream connection's `ResponseSink`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from proxy.errors import Failure
+from proxy.http import wire
+from proxy.http.flow import (
+    BODY_BUFFER_FULL,
+    PEER_WRITE_BLOCKED,
+)
+from proxy.metrics import VersionStats
+from proxy.routing.splitter import choose_version, pick_weighted
+from proxy.routing.table import Endpoint, ServiceRoute, VersionRoute
+from proxy.upstream.pool import UpstreamPool
+
+if TYPE_CHECKING:
+    from proxy.http.protocol import DownstreamProtocol
+    from proxy.upstream.connection import UpstreamConnection
+
+log = logging.getLogger(__name__)
+
+# Request body bytes held while an exchange waits for its upstream connection (or its turn in the
+# pipeline) before the client's reads pause.
+MAX_BUFFERED_BODY = 64 * 1024
+
+NEVER = float("inf")  # a deadline that is not armed
+
+_NO_BODY_STATUS = frozenset({204, 304})
+
+# The headers the proxy adds to every request it forwards (SPEC §7), filled in one formatting.
+_FORWARDED = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %s\r\n"
+_FORWARDED_WITH_HOST = (
+    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
+    b"X-Request-Id: %s\r\n"
+)
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = (
+        "body_buffer",
+        "body_buffered",
+        "body_received",
+        "chunked_in",
+        "chunked_out",
+        "close_after",
+        "connect_task",
+        "content_length",
+        "done",
+        "endpoint",
+        "failure",
+        "host",
+        "host_line",
+        "http_10",
+        "keep_alive",
+        "lines",
+        "method",
+        "named_by_connection",
+        "out",
+        "proto",
+        "request_complete",
+        "request_head",
+        "request_sent",
+        "response_deadline",
+        "response_started",
+        "retried",
+        "route",
+        "special",
+        "started_at",
+        "stats",
+        "status",
+        "upgrade",
+        "upstream",
+        "url",
+        "version",
+    )
+
+    def __init__(self, proto: DownstreamProtocol) -> None:
+        self.proto = proto
+        # Request, as parsed.
+        self.method = b""
+        self.url = b""
+        # The head, sorted as it is parsed: lines forwarded verbatim, and the headers the proxy
+        # acts on as (kind, lower-cased name, name, value); see the kinds in `wire`.
+        self.lines: list[bytes] = []
+        self.special: list[tuple[int, bytes, bytes, bytes]] = []
+        self.host: bytes | None = None
+        # Without a Host (HTTP/1.0), an empty one: RFC 9112 §3.2, for the HTTP/1.1 upstream.
+        self.host_line = b"Host: \r\n"
+        self.named_by_connection: frozenset[bytes] = frozenset()
+        self.http_10 = False
+        self.keep_alive = True
+        self.upgrade = False
+        self.chunked_in = False
+        self.content_length = -1
+        self.body_received = 0
+        self.request_complete = False
+        self.failure: Failure | None = None  # set: answer this locally when the turn comes
+        # Request body waiting for the upstream connection.
+        self.body_buffer: list[bytes] = []
+        self.body_buffered = 0
+        # Placement.
+        self.route: ServiceRoute | None = None
+        self.version: VersionRoute | None = None
+        self.stats: VersionStats | None = None
+        self.endpoint: Endpoint | None = None
+        self.started_at = 0.0
+        self.request_head = b""
+        self.upstream: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.retried = False
+        self.request_sent = False  # head and the whole body written to the upstream
+        self.response_deadline = NEVER  # monotonic time by which the response must start
+        # Response.
+        self.response_started = False
+        self.status = 0
+        self.chunked_out = False
+        self.close_after = False
+        self.out: list[bytes] = []  # response bytes gathered during one upstream read
+        self.done = False
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.method.decode()} {self.url[:60]!r} status={self.status}>"
+
+    # -- request body, from the client -----------------------------------------------------------
+
+    def body_unread(self) -> bool:
+        """Part of the request body has not been read from the client yet."""
+        return not self.request_complete and (self.content_length > 0 or self.chunked_in)
+
+    def body(self, data: bytes) -> None:
+        if self.done:
+            return  # answered already; the rest of the body is dropped
+        self.body_received += len(data)
+        limit = self.proto.settings.max_body_bytes
+        if limit and self.body_received > limit:
+            self.proto.fail_request(self, Failure.BODY_TOO_LARGE)
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(wire.chunk(data) if self.chunked_in else data)
+            return
+        self.body_buffer.append(data)
+        self.body_buffered += len(data)
+        if self.body_buffered > MAX_BUFFERED_BODY:
+            self.proto.gate_pause(BODY_BUFFER_FULL)
+
+    def body_complete(self) -> None:
+        self.request_complete = True
+        upstream = self.upstream
+        if upstream is not None and not self.done:
+            if self.chunked_in:
+                upstream.write(wire.LAST_CHUNK)
+            self._request_sent()
+
+    # -- placement --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The exchange's turn: route it and send it upstream, or answer it locally."""
+        proto = self.proto
+        if self.failure is not None:
+            proto.answer(self, self.failure)
+            return
+        plane = proto.plane
+        if plane.draining:
+            self.close_after = True
+        table = plane.table
+        host = self.host
+        if host is None:
+            hostname = b""
+        elif host == proto.host_raw:
+            hostname = proto.host_name  # a keep-alive client sends the same Host every time
+        else:
+            hostname = proto.host_name = wire.split_host_port(host)
+            proto.host_raw = host
+        url = self.url
+        query = url.find(b"?")
+        path = url if query == -1 else url[:query]
+        route = table.match(hostname, path)
+        if route is None:
+            proto.answer(self, Failure.NO_SERVICE)
+            return
+        self.route = route
+        settings = table.settings
+        self.request_head = self._build_upstream_head(route, proto.peer, settings.trusted_hops)
+        version = self.version
+        assert version is not None
+        stats = plane.stats.get(route.name, version.name)
+        self.stats = stats
+        stats.in_flight += 1
+        self.started_at = time.monotonic()
+        endpoint = version.next_endpoint()
+        if endpoint is None:
+            proto.answer(self, Failure.NO_HEALTHY_ENDPOINT)
+            return
+        self._dispatch(endpoint)
+
+    def _build_upstream_head(self, route: ServiceRoute, peer: bytes, trusted_hops: int) -> bytes:
+        """Pick the version and write the request head the upstream gets (SPEC §3, §7)."""
+        force_value: bytes | None = None
+        sticky_value: bytes | None = None
+        cookies: list[bytes] = []
+        xff: list[bytes] = []
+        request_id: bytes | None = None
+        upgrade: bytes | None = None
+        lines = self.lines
+        if self.named_by_connection:
+            lines = wire.drop_named(lines, self.named_by_connection)
+        # The head in pieces, joined once: request line, Host, the client's headers forwarded
+        # verbatim, those the proxy handles, then its own.
+        parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n", self.host_line]
+        parts += lines
+        for kind, lname, name, value in self.special:
+            if kind == wire.HOST:
+                continue  # sent first, as host_line
+            if kind == wire.CONTENT_LENGTH:
+                parts.append(name + b": " + value + b"\r\n")
+            elif kind == wire.COOKIE:
+                cookies.append(value)
+            elif kind == wire.FORWARDED_FOR:
+                xff.append(value)
+            elif kind == wire.REQUEST_ID:
+                if value:
+                    request_id = value
+            elif kind == wire.CONTROL:
+                if lname == route.force_header:
+                    force_value = value  # a control header never reaches the upstream
+                    continue
+                if lname == route.sticky_header:
+                    sticky_value = value
+                if lname not in self.named_by_connection:
+                    parts.append(name + b": " + value + b"\r\n")
+            elif kind == wire.UPGRADE:
+                upgrade = value
+        force_cookie_value: bytes | None = None
+        if cookies:
+            force_cookie = route.force_cookie
+            if force_cookie is not None:
+                force_cookie_value = wire.cookie_value(cookies, force_cookie)
+                cookies = [wire.remove_cookie(c, force_cookie) for c in cookies]
+            if route.sticky_cookie is not None and sticky_value is None:
+                sticky_value = wire.cookie_value(cookies, route.sticky_cookie)
+            parts.extend(b"Cookie: " + c + b"\r\n" for c in cookies if c)
+        if force_value is None and force_cookie_value is None and not sticky_value:
+            self.version = pick_weighted(route)
+        else:
+            self.version = choose_version(route, force_value, force_cookie_value, sticky_value)
+        if request_id is None:
+            request_id = self.proto.plane.request_ids.next()
+        client = wire.forwarded_for(xff, peer, trusted_hops) if xff else peer
+        if self.host is not None:
+            forwarded = _FORWARDED_WITH_HOST % (client, self.host, request_id)
+        else:
+            forwarded = _FORWARDED % (client, request_id)
+        if self.chunked_in:
+            forwarded += b"Transfer-Encoding: chunked\r\n"
+        if self.upgrade and upgrade is not None:
+            forwarded += b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n"
+        parts.append(forwarded)
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _dispatch(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        pool = self.proto.plane.pools.get(endpoint)
+        conn = pool.take_idle()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self.connect_task = self.proto.plane.loop.create_task(self._connect(pool))
+
+    async def _connect(self, pool: UpstreamPool) -> None:
+        settings = self.proto.plane.table.settings
+        try:
+            conn = await pool.connect(settings.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            self.connect_task = None
+            if self.done:
+                return
+            failure = (
+                Failure.UPSTREAM_CONNECT_TIMEOUT
+                if isinstance(exc, TimeoutError)
+                else Failure.UPSTREAM_CONNECT
+            )
+            self._count_upstream_error(failure)
+            # Nothing was sent, so one more endpoint of the same version is safe for any method.
+            version = self.version
+            if not self.retried and version is not None and pool.endpoint is not None:
+                self.retried = True
+                other = version.other_endpoint(pool.endpoint)
+                if other is not None:
+                    self._dispatch(other)
+                    return
+            self.proto.answer(self, failure)
+            return
+        self.connect_task = None
+        if self.done:
+            conn.release(reusable=True)  # the client left while we connected; keep it warm
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        conn.begin(self, head_only=self.method == b"HEAD")
+        if self.body_buffer:
+            body = self.body_buffer
+            if self.chunked_in:
+                body = [wire.chunk(data) for data in body]
+            conn.write(b"".join([self.request_head, *body]))
+            self.body_buffer = []
+            self.body_buffered = 0
+            self.proto.gate_resume(BODY_BUFFER_FULL)
+        else:
+            conn.write(self.request_head)
+        if self.request_complete:
+            if self.chunked_in:
+                conn.write(wire.LAST_CHUNK)
+            self._request_sent()
+        if self.proto.write_blocked:
+            conn.pause_reading(PEER_WRITE_BLOCKED)
+
+    def _request_sent(self) -> None:
+        self.request_sent = True
+        if not self.response_started and self.response_deadline == NEVER:
+            self.response_deadline = time.monotonic() + self.proto.settings.response_timeout
+
+    def response_timed_out(self) -> None:
+        self.response_deadline = NEVER
+        if self.done or self.response_started:
+            return
+        self._count_upstream_error(Failure.UPSTREAM_TIMEOUT)
+        self._drop_upstream()
+        self.proto.answer(self, Failure.UPSTREAM_TIMEOUT)
+
+    def _count_upstream_error(self, failure: Failure) -> None:
+        stats = self.stats
+        if stats is not None and failure.upstream_kind is not None:
+            stats.upstream_errors[failure.upstream_kind] += 1
+
+    # -- response, from the upstream (ResponseSink) -----------------------------------------------
+
+    def upstream_head(self, conn: UpstreamConnection) -> None:
+        status = conn.status
+        if status < 200 and status != 101:
+            if not self.http_10:  # HTTP/1.0 clients cannot take interim responses
+                self.out.append(self._response_head(conn, b"\r\n"))
+            return
+        if status == 101 and not self.upgrade:
+            self.upstream_failed(conn, Failure.UPSTREAM_PROTOCOL)
+            conn.abort()
+            return
+        self.response_deadline = NEVER
+        self.status = status
+        self.response_started = True
+        # In pieces: the flush at the end of this read joins them with the body in one go.
+        out = self.out
+        out.append(wire.status_line(status, conn.reason or None))
+        out += self._response_lines(conn)
+        out.append(self._response_tail(conn))
+
+    def _response_head(self, conn: UpstreamConnection, tail: bytes) -> bytes:
+        return b"".join(
+            (wire.status_line(conn.status, conn.reason or None), *self._response_lines(conn), tail)
+        )
+
+    def _response_lines(self, conn: UpstreamConnection) -> list[bytes]:
+        """The upstream's header lines to forward, without those its Connection header names."""
+        lines = conn.lines
+        if conn.connection:
+            named = wire.named_by_connection(conn.connection)
+            if named:
+                lines = wire.drop_named(lines, named)
+        return lines
+
+    def _response_tail(self, conn: UpstreamConnection) -> bytes:
+        """The headers the proxy adds to a final response, and the blank line: framing,
+        Connection and the version header. Decides whether the client connection closes."""
+        status = conn.status
+        tail = b""
+        route = self.route
+        version = self.version
+        if route is not None and version is not None and route.version_header is not None:
+            tail = route.version_header + b": " + version.name_bytes + b"\r\n"
+        if status == 101:
+            upgrade = conn.upgrade or b""
+            return tail + b"Upgrade: " + upgrade + b"\r\nConnection: upgrade\r\n\r\n"
+        if self.method != b"HEAD" and status not in _NO_BODY_STATUS and not conn.content_length:
+            if self.http_10:
+                self.close_after = True  # an HTTP/1.0 client reads to the end of the connection
+            else:
+                self.chunked_out = True
+                tail += b"Transfer-Encoding: chunked\r\n"
+        if self.upgrade:
+            self.close_after = True  # the client may already be talking the refused protocol
+        if self.close_after or not self.keep_alive or self.proto.plane.draining:
+            self.close_after = True
+            return tail + b"Connection: close\r\n\r\n"
+        if self.http_10:
+            return tail + b"Connection: keep-alive\r\n\r\n"
+        return tail + b"\r\n"
+
+    def upstream_body(self, data: bytes) -> None:
+        self.out.append(wire.chunk(data) if self.chunked_out else data)
+
+    def upstream_flush(self) -> None:
+        out = self.out
+        if out:
+            self.proto.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def upstream_complete(self, conn: UpstreamConnection) -> None:
+        out = self.out
+        if self.chunked_out:
+            out.append(wire.LAST_CHUNK)
+        if out:
+            self.proto.write(b"".join(out))
+            out.clear()
+        self.upstream = None
+        # Reused only after a clean exchange: whole request sent, whole response read.
+        conn.release(reusable=self.request_sent and conn.keep_alive())
+        if not self.request_complete and (self.content_length > 0 or self.chunked_in):
+            self.close_after = True  # the upstream answered early; the body's end is unknown
+        self.proto.finish(self, self.status)
+
+    def upstream_upgraded(self, conn: UpstreamConnection, tail: bytes) -> None:
+        if tail:
+            self.out.append(tail)
+        self.upstream_flush()
+        self.proto.start_tunnel(self, conn)
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        self.proto.write(data)
+
+    def upstream_failed(self, conn: UpstreamConnection, failure: Failure) -> None:
+        self.upstream = None
+        if self.done:
+            self.proto.close()  # a tunnel ended
+            return
+        self._count_upstream_error(failure)
+        if self.response_started:
+            # Never fake a clean end: the client must see that the body is incomplete.
+            self.proto.abort(self)
+            return
+        if (
+            failure is Failure.UPSTREAM_RESET
+            and conn.exchanges > 0
+            and not self.retried
+            and self.content_length <= 0
+            and not self.chunked_in
+            and self.endpoint is not None
+        ):
+            # A pooled connection the upstream closed as we reused it: nothing was processed
+            # (no response byte came back) and there is no body to replay, so retry once.
+            self.retried = True
+            self._dispatch(self.endpoint)
+            return
+        self.proto.answer(self, failure)
+
+    def upstream_write_paused(self) -> None:
+        self.proto.gate_pause(PEER_WRITE_BLOCKED)
+
+    def upstream_write_resumed(self) -> None:
+        self.proto.gate_resume(PEER_WRITE_BLOCKED)
+
+    # -- ending -----------------------------------------------------------------------------------
+
+    def _drop_upstream(self) -> None:
+        """Cut the upstream side without reuse: the exchange is abandoned."""
+        self.response_deadline = NEVER
+        task = self.connect_task
+        if task is not None:
+            task.cancel()
+            self.connect_task = None
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.abort()
+
+    def settle(self, status: int | None) -> float:
+        """Record the outcome once: the status sent, or None when no answer was completed.
+        Returns the time it was recorded (monotonic), for the caller's next deadline.
+
+        Callers of settle(None) count why (client abort, drain cut) themselves.
+        """
+        self.done = True
+        self.response_deadline = NEVER
+        now = time.monotonic()
+        stats = self.stats
+        if stats is not None:
+            stats.in_flight -= 1
+            if status is not None:
+                stats.observe(status, now - self.started_at)
+        return now
