@@ -17,7 +17,6 @@ This process's own `DataPlane` then serves nothing; it only holds the table in f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 
@@ -63,6 +62,7 @@ class Server:
         self.health: HealthChecker | None = None
         self.watcher: ConfigWatcher | None = None
         self._sampler: asyncio.TimerHandle | None = None
+        self._hurry = asyncio.Event()  # a second signal: stop without waiting for the drain
         # N > 1: the data plane runs in worker processes (see the module's docstring).
         self.pool: WorkerPool | None = None
         if self.workers > 1:
@@ -193,8 +193,7 @@ class Server:
             cut = await self.pool.stop(drain_timeout)
         else:
             self.plane.begin_drain()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.plane.drained.wait(), drain_timeout)
+            await self._drained_or_hurried(drain_timeout)
             cut = self.plane.cut_all()
         self.plane.stop_ticker()
         self.plane.stop_drains()
@@ -210,8 +209,21 @@ class Server:
             await listener.wait_closed()
         return cut
 
+    async def _drained_or_hurried(self, drain_timeout: float) -> None:
+        """Until nothing is in flight, `kill_now()` is called, or `drain_timeout` passes."""
+        waiters = [
+            self.loop.create_task(self.plane.drained.wait()),
+            self.loop.create_task(self._hurry.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=drain_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
     def kill_now(self) -> None:
-        """A second signal: cut everything at once (workers are SIGKILLed)."""
+        """A second signal: cut everything at once (workers are SIGKILLed); stop() goes on."""
+        self._hurry.set()
         if self.pool is not None:
             self.pool.kill_now()
         self.plane.cut_all()
@@ -254,7 +266,6 @@ async def serve_until_signalled(server: Server) -> None:
         else:
             log.warning("second signal: stopping now")
             server.kill_now()
-            raise SystemExit(0)
 
     def on_hangup() -> None:
         server.loop.create_task(server.control.reload(actor="admin"))

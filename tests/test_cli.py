@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
@@ -207,6 +208,94 @@ services:
             assert all(r.header("Connection") == b"close" for r in responses)
             assert await asyncio.wait_for(process.wait(), 3 + 1) == 0
             assert time.monotonic() - stopped_at < 3 + 1
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+async def start_run(config: Path) -> tuple[asyncio.subprocess.Process, int]:
+    """`laneswitch run -c config` and the data port it bound."""
+    process = await asyncio.create_subprocess_exec(
+        *command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    line = await wait_for_line(process.stderr, r"listening on 127\.0\.0\.1:(\d+)")
+    match = re.search(r"127\.0\.0\.1:(\d+)", line)
+    assert match is not None
+    return process, int(match.group(1))
+
+
+async def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
+    blue = await RecordingUpstream("blue").start()
+    green = await RecordingUpstream("green").start()
+    config = tmp_path / "laneswitch.yaml"
+    template = f"""
+listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0}}
+services:
+  shop:
+    versions:
+      blue: {{endpoints: ["{blue.endpoint}"], weight: BLUE}}
+      green: {{endpoints: ["{green.endpoint}"], weight: GREEN}}
+    version_header: X-App-Version
+"""
+    config.write_text(template.replace("BLUE", "100").replace("GREEN", "000"))
+    process, port = await start_run(config)
+    try:
+        client = await Client.connect(port)
+        assert (await client.request(get())).header("X-App-Version") == b"blue"
+        # Same size and the old mtime: the file watch cannot see this edit, only SIGHUP can.
+        before = config.stat()
+        config.write_text(template.replace("BLUE", "000").replace("GREEN", "100"))
+        os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert config.stat().st_size == before.st_size
+        process.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(5):
+            while (await client.request(get())).header("X-App-Version") != b"green":
+                await asyncio.sleep(0.05)
+        await client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+        await blue.stop()
+        await green.stop()
+
+
+async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    arrived = asyncio.Event()
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        arrived.set()
+        await asyncio.sleep(60)
+
+    async with raw_upstream(never_answers) as upstream:
+        config = tmp_path / "laneswitch.yaml"
+        config.write_text(
+            f"""
+listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0}}
+drain_timeout: 30s
+services:
+  shop:
+    versions:
+      v1: {{endpoints: ["{upstream}"], weight: 100}}
+"""
+        )
+        process, port = await start_run(config)
+        try:
+            client = await Client.connect(port)
+            await client.send(get())
+            await asyncio.wait_for(arrived.wait(), 5)
+            process.send_signal(signal.SIGTERM)
+            assert process.stderr is not None
+            # Two signals sent back to back are one pending signal: wait for the first.
+            await wait_for_line(process.stderr, "draining")
+            process.send_signal(signal.SIGTERM)
+            # Well before the 30 s drain: the second signal does not wait for the request.
+            assert await asyncio.wait_for(process.wait(), 5) == 0
+            assert await client.closed()
         finally:
             if process.returncode is None:
                 process.kill()
