@@ -6,7 +6,7 @@ every run), sent in the sticky header (`X-User-Id`), and checks the version head
 
 - `--sticky-check monotonic` (default): a user may move to another version only while weights
   move, and never back to a version it left. laneswitch's sticky hashing promises exactly this
-  while the canary's weight rises (SPEC §3: users only ever move from stable to canary); a
+  while the canary's weight rises; a
   rollback during the run moves users back on purpose and is reported as failures.
 - `--sticky-check strict`: a user's version never changes (for runs at fixed weights).
 - `--sticky-check off`: only count.

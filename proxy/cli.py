@@ -1,4 +1,4 @@
-"""The `laneswitch` command (SPEC §1)."""
+"""The `laneswitch` command."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The client commands of `laneswitch` (SPEC §1): status, switch, weights, rollback, rollout.
+"""The client commands of `laneswitch`: status, switch, weights, rollback, rollout.
 
 Each command is one or a few HTTP calls to a running proxy's admin API, made with the standard
 library so the client starts fast and needs nothing the proxy doesn't. Exit codes: 0 done, 1 the

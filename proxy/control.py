@@ -143,7 +143,7 @@ class ControlPlane:
         return 100.0 * self.weights[service].get(version, 0) / total
 
     def status(self) -> dict[str, Any]:
-        """The JSON of GET /status (SPEC §4)."""
+        """The JSON of GET /status."""
         services: dict[str, Any] = {}
         for name, service in self.config.services.items():
             versions: dict[str, Any] = {}
@@ -222,7 +222,8 @@ class ControlPlane:
     ) -> dict[str, Any]:
         """Set every version's weight (a version left out gets 0).
 
-        400 when they break the rules of SPEC §2 (unknown version is 404); returns as `switch`.
+        400 when they break the config file's weight rules (unknown version: 404); returns as
+        `switch`.
         """
         config = self._service(service)
         unknown = sorted(set(weights) - set(config.versions))
@@ -453,7 +454,7 @@ class ControlPlane:
 
 
 def validate_weights(service: ServiceConfig, weights: Mapping[str, int]) -> str | None:
-    """Why `weights` break the rules of SPEC §2 for `service`, or None when they don't."""
+    """Why `weights` break the config file's weight rules for `service`, or None when they don't."""
     if set(weights) != set(service.versions):
         return "weights must name exactly the service's versions"
     for name, weight in weights.items():

@@ -36,7 +36,7 @@ class Failure(enum.Enum):
 
     @property
     def retry_after(self) -> bool:
-        """503s tell the client when to come back, as SPEC §7 asks."""
+        """503s tell the client when to come back, with Retry-After."""
         return self.status == 503
 
 

@@ -1,4 +1,4 @@
-"""The decision record (SPEC §6): every switch, weights change, rollback, reload and rollout step.
+"""The decision record: every switch, weights change, rollback, reload and rollout step.
 
 Events are numbered, kept in a bounded in-memory log (served at `GET /events`, persisted in the
 state file) and written to the log as one JSON line each.

@@ -1,6 +1,6 @@
 """Active HTTP health checks of upstream endpoints (layer L2: config model, routing, aiohttp).
 
-Contract (SPEC §2 `health_check`, §4 `/readyz`), in the terms an Envoy or nginx operator expects:
+Contract, in the terms an Envoy or nginx operator expects:
 
 - A check is `GET http://{endpoint}{path}` with `User-Agent: laneswitch-health`, on a fresh
   connection (no keep-alive reuse, so a dead listener is never masked by a pooled socket), through
@@ -9,7 +9,7 @@ Contract (SPEC §2 `health_check`, §4 `/readyz`), in the terms an Envoy or ngin
   A 2xx or 3xx status passes; any other status, a timeout, a refused or reset connection or an
   invalid response fails.
 - Every endpoint starts *unknown*, which counts as not healthy: it gets no traffic until a check
-  has passed (SPEC: "an endpoint counts as healthy only once a check has passed"). An endpoint that
+  has passed ("an endpoint counts as healthy only once a check has passed"). An endpoint that
   has never been healthy becomes healthy on its first pass, whatever failed before it (Envoy does
   the same for new hosts); an unknown endpoint whose check fails becomes unhealthy at once, so the
   log says why it gets no traffic.

@@ -1,4 +1,4 @@
-"""Functional: the admin API (SPEC §4) and its metrics (SPEC §5) on a real proxy on loopback.
+"""Functional: the admin API and its metrics on a real proxy on loopback.
 
 Every call goes over a real socket to the admin listener of a `Server` started in-process, and
 traffic goes through the real data plane to recording upstreams, so "traffic moved" is what the

@@ -1,4 +1,4 @@
-"""Adversarial input: malformed, oversized, slow, smuggling and spoofing requests (SPEC §2, §7).
+"""Adversarial input: malformed, oversized, slow, smuggling and spoofing requests.
 
 Every test checks the status the proxy answers with, exactly what the upstream received (usually
 nothing), and whether the client connection was closed afterwards.

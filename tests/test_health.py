@@ -454,7 +454,7 @@ async def test_healthy_again_after_exactly_healthy_threshold_passes(waker: Waker
 
 
 async def test_first_pass_of_a_never_healthy_endpoint_makes_it_healthy(waker: Waker) -> None:
-    """SPEC: healthy once a check has passed, whatever the healthy threshold."""
+    """Healthy once a check has passed, whatever the healthy threshold."""
     recorder = Recorder(waker)
     async with serving(waker, scripted=True) as upstream, checking(recorder) as checker:
         k = key(upstream.endpoint)

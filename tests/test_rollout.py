@@ -1,4 +1,4 @@
-"""Functional: closed-loop rollouts (SPEC §6, promise 6) on a real proxy with real upstreams.
+"""Functional: closed-loop rollouts on a real proxy with real upstreams.
 
 Intervals are fractions of a second so a whole rollout runs in a few seconds; traffic comes from
 keep-alive clients of the test, through the data plane, so every verdict is reached on what the
@@ -224,7 +224,7 @@ async def test_a_canary_failing_30_percent_is_rolled_back_in_time(tmp_path: Path
         assert proxy.weights() == {"stable": 100, "canary": 0}
         [first_step] = events(proxy.server, "step")
         [rollback] = events(proxy.server, "rollback")
-        # SPEC §8 promise 6: within (threshold + 1) x interval of the canary getting traffic.
+        # The promise: within (threshold + 1) x interval of the canary getting traffic.
         assert rollback.time - first_step.time <= (threshold + 1) * INTERVAL
         assert rollback.actor == "auto"
         assert rollback.from_ == {"stable": 80, "canary": 20}

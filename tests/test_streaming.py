@@ -1,5 +1,5 @@
 """Functional: bodies streamed both ways with backpressure, 100-continue, Upgrade, HTTP/1.0 clients
-and bodiless responses (SPEC §7), on real loopback sockets."""
+and bodiless responses, on real loopback sockets."""
 
 from __future__ import annotations
 

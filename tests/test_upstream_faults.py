@@ -1,4 +1,4 @@
-"""Functional: upstreams that refuse, stall, die, lie or hang up; clients that leave (SPEC §3, §7).
+"""Functional: upstreams that refuse, stall, die, lie or hang up; clients that leave.
 
 Every fault is scripted on a real loopback socket; every wait is bounded.
 """

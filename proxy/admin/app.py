@@ -1,4 +1,4 @@
-"""The admin API (SPEC §4): JSON over HTTP, served by aiohttp off the request path.
+"""The admin API: JSON over HTTP, served by aiohttp off the request path.
 
 Handlers only translate HTTP to `ControlPlane` calls and back: the control plane decides, records
 the event and raises `ControlError(status, message)` on a refusal, whose status is sent as is.

@@ -1,4 +1,4 @@
-"""Prometheus export of the data plane's counters (SPEC §5), built at scrape time.
+"""Prometheus export of the data plane's counters, built at scrape time.
 
 The request path only increments plain integers (`proxy.metrics`); this collector turns them into
 metric families when Prometheus scrapes, so no request ever pays for a label lookup. Each admin
@@ -41,7 +41,7 @@ def endpoint_key(text: str) -> str:
 
 
 class LaneswitchCollector(Collector):
-    """Every `laneswitch_*` family of SPEC §5 that exists so far, read from `control`."""
+    """Every `laneswitch_*` family (the README's metrics table), read from `control`."""
 
     def __init__(self, control: ControlPlane, workers: WorkerPool | None = None) -> None:
         self.control = control

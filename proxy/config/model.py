@@ -1,6 +1,6 @@
 """The config file as pydantic models (layer L0: stdlib + pydantic only).
 
-Contract: a `Config` that exists is valid. Every rule of the config file (SPEC §2) is enforced
+Contract: a `Config` that exists is valid. Every rule of the config file is enforced
 here, so a config built from a dict, from the YAML loader or by the admin API obeys the same
 rules. Durations are float seconds and sizes int bytes after validation, whatever the user wrote.
 
@@ -689,7 +689,10 @@ def _resolution_problems(rollout: CanaryRollout, total: int) -> list[tuple[Loc, 
 
 
 class Config(_Model):
-    """A whole laneswitch config file, validated. See SPEC §2 for the meaning of each key."""
+    """A whole laneswitch config file, validated.
+
+    `laneswitch schema` and the README's configuration reference describe each key.
+    """
 
     listen: ListenList = ["127.0.0.1:8080"]
     """Data-plane listeners: one "host:port" or a list of them."""

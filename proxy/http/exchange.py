@@ -44,6 +44,13 @@ _FORWARDED_WITH_HOST = (
     b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
     b"X-Request-Id: %s\r\n"
 )
+# The same with a new request id (`RequestIds.next`, spelled out: prefix and counter) and the
+# blank line that ends the head, for the plain path.
+_FORWARDED_NEW_ID = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %s-%x\r\n\r\n"
+_FORWARDED_WITH_HOST_NEW_ID = (
+    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
+    b"X-Request-Id: %s-%x\r\n\r\n"
+)
 
 
 class Exchange:
@@ -63,6 +70,7 @@ class Exchange:
         "failure",
         "host",
         "host_line",
+        "hosts",
         "http_10",
         "keep_alive",
         "lines",
@@ -92,10 +100,12 @@ class Exchange:
         # Request, as parsed.
         self.method = b""
         self.url = b""
-        # The head, sorted as it is parsed: lines forwarded verbatim, and the headers the proxy
-        # acts on as (kind, lower-cased name, name, value); see the kinds in `wire`.
+        # The head, sorted as it is parsed: lines forwarded verbatim, the Host header (counted,
+        # kept as value and line), and the other headers the proxy acts on as
+        # (kind, lower-cased name, name, value); see the kinds in `wire`.
         self.lines: list[bytes] = []
         self.special: list[tuple[int, bytes, bytes, bytes]] = []
+        self.hosts = 0
         self.host: bytes | None = None
         # Without a Host (HTTP/1.0), an empty one: RFC 9112 §3.2, for the HTTP/1.1 upstream.
         self.host_line = b"Host: \r\n"
@@ -193,8 +203,12 @@ class Exchange:
             proto.answer(self, Failure.NO_SERVICE)
             return
         self.route = route
-        settings = table.settings
-        self.request_head = self._build_upstream_head(route, proto.peer, settings.trusted_hops)
+        if self.special:
+            self.request_head = self._build_upstream_head(
+                route, proto.peer, table.settings.trusted_hops
+            )
+        else:
+            self.request_head = self._build_plain_upstream_head(route, proto.peer)
         version = self.version
         assert version is not None
         stats = plane.stats.get(route.name, version.name)
@@ -206,6 +220,21 @@ class Exchange:
             proto.answer(self, Failure.NO_HEALTHY_ENDPOINT)
             return
         self._dispatch(endpoint)
+
+    def _build_plain_upstream_head(self, route: ServiceRoute, peer: bytes) -> bytes:
+        """`_build_upstream_head` for the usual request, with no header the proxy acts on but
+        Host: no control header or cookie (a weighted pick), no X-Forwarded-For or X-Request-Id
+        to carry over, no Connection header, no body framing or upgrade to restate."""
+        self.version = pick_weighted(route)
+        ids = self.proto.plane.request_ids
+        ids.count += 1
+        if self.host is not None:
+            forwarded = _FORWARDED_WITH_HOST_NEW_ID % (peer, self.host, ids.prefix, ids.count)
+        else:
+            forwarded = _FORWARDED_NEW_ID % (peer, ids.prefix, ids.count)
+        return b"".join(
+            (self.method, b" ", self.url, b" HTTP/1.1\r\n", self.host_line, *self.lines, forwarded)
+        )
 
     def _build_upstream_head(self, route: ServiceRoute, peer: bytes, trusted_hops: int) -> bytes:
         """Pick the version and write the request head the upstream gets (SPEC §3, §7)."""
@@ -223,8 +252,6 @@ class Exchange:
         parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n", self.host_line]
         parts += lines
         for kind, lname, name, value in self.special:
-            if kind == wire.HOST:
-                continue  # sent first, as host_line
             if kind == wire.CONTENT_LENGTH:
                 parts.append(name + b": " + value + b"\r\n")
             elif kind == wire.COOKIE:
@@ -367,7 +394,7 @@ class Exchange:
         # In pieces: the flush at the end of this read joins them with the body in one go.
         out = self.out
         out.append(wire.status_line(status, conn.reason or None))
-        out += self._response_lines(conn)
+        out += self._response_lines(conn) if conn.connection else conn.lines
         out.append(self._response_tail(conn))
 
     def _response_head(self, conn: UpstreamConnection, tail: bytes) -> bytes:

@@ -38,6 +38,7 @@ class RequestIds:
         self.count = 0
 
     def next(self) -> bytes:
+        # Spelled out in Exchange._build_plain_upstream_head: keep the two the same.
         self.count += 1
         return b"%s-%x" % (self.prefix, self.count)
 

@@ -252,7 +252,12 @@ class DownstreamProtocol(asyncio.Protocol):
             raise _StopParsing
         kind = self.plane.header_kinds[name]
         if not kind:
-            ex.lines.append(name + b": " + value + b"\r\n")
+            ex.lines.append(b"".join((name, b": ", value, b"\r\n")))  # one allocation, not three
+        elif kind == wire.HOST:
+            # Sent first, as received; how many there were is checked when the head ends.
+            ex.hosts += 1
+            ex.host = value
+            ex.host_line = b"".join((name, b": ", value, b"\r\n"))
         else:
             ex.special.append((kind, name.lower(), name, value))
 
@@ -266,8 +271,12 @@ class DownstreamProtocol(asyncio.Protocol):
             self.timer_kind = 0
         parser = self.parser
         ex.method = parser.get_method()
-        ex.http_10 = parser.get_http_version() == "1.0"
-        ex.keep_alive = parser.should_keep_alive()
+        keep_alive = ex.keep_alive = parser.should_keep_alive()
+        if not keep_alive or ex.special:
+            ex.http_10 = parser.get_http_version() == "1.0"
+        # Else it is HTTP/1.1, without asking for the version (a str formatted per call): llhttp
+        # keeps a message alive by default only when it is HTTP/1.1, and without a Connection or
+        # Proxy-Connection header (they would be in `special`) nothing else made it so.
         ex.upgrade = parser.should_upgrade()
         failure = self._inspect(ex)
         if failure is not None:
@@ -305,25 +314,22 @@ class DownstreamProtocol(asyncio.Protocol):
         line_bytes = len(ex.url) + len(ex.method) + REQUEST_LINE_OVERHEAD
         if line_bytes > self.settings.max_request_line_bytes:
             return Failure.URI_TOO_LONG
-        hosts = 0
-        connection: list[bytes] = []
-        for kind, _, name, value in ex.special:
-            if kind == wire.HOST:
-                hosts += 1
-                ex.host = value
-                ex.host_line = name + b": " + value + b"\r\n"
-            elif kind == wire.TRANSFER_ENCODING:
-                # llhttp accepts any codings that end in chunked; the proxy forwards the body
-                # re-chunked and cannot carry other codings, so it refuses them.
-                if value.strip().lower() != b"chunked":
-                    return Failure.BAD_REQUEST
-                ex.chunked_in = True
-            elif kind == wire.CONTENT_LENGTH:
-                ex.content_length = int(value)  # llhttp has checked it is a single number
-            elif kind == wire.CONNECTION:
-                connection.append(value)
-        if connection:
-            ex.named_by_connection = wire.named_by_connection(connection)
+        if ex.special:
+            connection: list[bytes] = []
+            for kind, _, _, value in ex.special:
+                if kind == wire.TRANSFER_ENCODING:
+                    # llhttp accepts any codings that end in chunked; the proxy forwards the body
+                    # re-chunked and cannot carry other codings, so it refuses them.
+                    if value.strip().lower() != b"chunked":
+                        return Failure.BAD_REQUEST
+                    ex.chunked_in = True
+                elif kind == wire.CONTENT_LENGTH:
+                    ex.content_length = int(value)  # llhttp has checked it is a single number
+                elif kind == wire.CONNECTION:
+                    connection.append(value)
+            if connection:
+                ex.named_by_connection = wire.named_by_connection(connection)
+        hosts = ex.hosts
         if hosts > 1 or (hosts == 0 and not ex.http_10):
             return Failure.BAD_REQUEST
         if ex.chunked_in and ex.http_10:

@@ -1,4 +1,4 @@
-"""The analysis of one interval (SPEC §6): pure verdicts from the proxy's own counters.
+"""The analysis of one interval: pure verdicts from the proxy's own counters.
 
 Input is what the data plane counted for the judged version and its baseline over one interval
 (`StatsSnapshot` deltas: later - earlier). Client-caused outcomes never count against a version:

@@ -1,4 +1,4 @@
-"""The rollout state machine (SPEC §6): pure transitions, no I/O, no clock of its own.
+"""The rollout state machine: pure transitions, no I/O, no clock of its own.
 
 The driver (`manager.py`) asks `needs()` what to measure and which hooks to call, does that I/O,
 and feeds the results to `tick()`; the admin calls map to `start`, `pause`, `resume`, `promote`

@@ -1,4 +1,4 @@
-"""Picking a version for a request: force, then sticky key, then weighted (SPEC §3). Pure.
+"""Picking a version for a request: force, then sticky key, then weighted. Pure.
 
 The sticky hash is blake2b over `service NUL key`, so every process, restart and replica agrees
 on a user's bucket, which Python's randomised `hash()` would not.
@@ -86,7 +86,7 @@ def choose_version(
     force_cookie: bytes | None = None,
     sticky_key: bytes | None = None,
 ) -> VersionRoute:
-    """The version for one request; an unknown force value falls through (SPEC §3)."""
+    """The version for one request; an unknown force value falls through."""
     if force_header is not None:
         index = route.force_values.get(force_header.strip())
         if index is not None:

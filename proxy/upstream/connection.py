@@ -35,6 +35,15 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# The members as module constants: reading `State.ACTIVE` goes through the enum class's
+# attribute machinery (~0.1 µs on CPython 3.11), and the pool's hand-out and return read them
+# several times per request.
+NEW = State.NEW
+ACTIVE = State.ACTIVE
+IDLE = State.IDLE
+CLOSED = State.CLOSED
+
+
 class ResponseSink(Protocol):
     """What an upstream connection tells the exchange that owns it."""
 
@@ -76,7 +85,7 @@ class UpstreamConnection(asyncio.Protocol):
         # Per connection.
         self.pool = pool
         self.generation = pool.generation
-        self.state = State.NEW
+        self.state = NEW
         self.transport: asyncio.Transport | None = None
         self.gate: ReadGate | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -142,10 +151,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         previous = self.state
-        self.state = State.CLOSED
+        self.state = CLOSED
         self.pool.forget(self)
         sink = self.sink
-        if sink is None or previous is not State.ACTIVE:
+        if sink is None or previous is not ACTIVE:
             return
         self.sink = None
         if self.tunnel:
@@ -172,9 +181,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         kind = RESPONSE_KINDS[name]
         if not kind:
-            self.lines.append(name + b": " + value + b"\r\n")
+            # One join of a tuple allocates once; `name + b": " + value + b"\r\n"` three times.
+            self.lines.append(b"".join((name, b": ", value, b"\r\n")))
         elif kind == CONTENT_LENGTH:
-            self.lines.append(name + b": " + value + b"\r\n")
+            self.lines.append(b"".join((name, b": ", value, b"\r\n")))
             self.content_length = True
         elif kind == CONNECTION:
             # The usual "keep-alive" or "close" names no header: nothing to drop for it.
@@ -222,7 +232,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- used by the exchange -----------------------------------------------------------------
 
     def begin(self, sink: ResponseSink, head_only: bool) -> None:
-        self.state = State.ACTIVE
+        self.state = ACTIVE
         self.sink = sink
         self.head_only = head_only
         # As _reset_response, spelled out: this runs for every exchange.
@@ -240,7 +250,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(data)
 
     def keep_alive(self) -> bool:
-        return bool(self.parser.should_keep_alive()) and not self.tunnel
+        return self.parser.should_keep_alive() and not self.tunnel
 
     def pause_reading(self, reason: int) -> None:
         if self.gate is not None:
@@ -254,7 +264,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The exchange is over: back to the pool when `reusable`, else closed."""
         self.sink = None
         gate = self.gate
-        if reusable and self.state is State.ACTIVE and gate is not None:
+        if reusable and self.state is ACTIVE and gate is not None:
             if gate.reasons:
                 gate.resume(gate.reasons)
             self.pool.put_idle(self)
@@ -263,8 +273,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.sink = None
-        if self.state is not State.CLOSED:
-            self.state = State.CLOSED
+        if self.state is not CLOSED:
+            self.state = CLOSED
             self.pool.forget(self)
             if self.transport is not None:
                 self.transport.close()
@@ -272,8 +282,8 @@ class UpstreamConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Close without flushing: the exchange was cancelled and nothing more must be sent."""
         self.sink = None
-        if self.state is not State.CLOSED:
-            self.state = State.CLOSED
+        if self.state is not CLOSED:
+            self.state = CLOSED
             self.pool.forget(self)
             if self.transport is not None:
                 self.transport.abort()

@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 from proxy.routing.table import Endpoint
-from proxy.upstream.connection import State, UpstreamConnection
+from proxy.upstream.connection import ACTIVE, IDLE, UpstreamConnection
 
 # Idle connections kept per endpoint: bounds the sockets and memory a traffic burst leaves behind.
 MAX_IDLE_PER_ENDPOINT = 256
@@ -50,8 +50,8 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()  # LIFO: the warmest connection, the least likely to be closed
-            if conn.state is State.IDLE and now - conn.idle_since < self.idle_timeout:
-                conn.state = State.ACTIVE
+            if conn.state is IDLE and now - conn.idle_since < self.idle_timeout:
+                conn.state = ACTIVE
                 self.busy.add(conn)
                 return conn
             conn.close()
@@ -67,7 +67,7 @@ class UpstreamPool:
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.state = State.ACTIVE
+        conn.state = ACTIVE
         self.busy.add(conn)
         return conn
 
@@ -76,7 +76,7 @@ class UpstreamPool:
         if conn.generation != self.generation or len(self.idle) >= MAX_IDLE_PER_ENDPOINT:
             conn.close()
             return
-        conn.state = State.IDLE
+        conn.state = IDLE
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
 
