@@ -384,14 +384,9 @@ def _judge_step(
     if analysis is None:
         return Outcome(state)
     state = replace(state, last_analysis={"time": obs.now, **analysis.to_json()})
-    failed_hooks = [check for check in obs.checks if not check.ok]
-    if analysis.verdict == "fail" or failed_hooks:
-        why = []
-        if analysis.verdict == "fail":
-            why.append(f"analysis failed: {analysis.reason}")
-        if failed_hooks:
-            why.append(_describe_checks(failed_hooks))
-        return _failed_check(state, rollout, service, weights, obs, "; ".join(why))
+    failure = _failure(analysis, obs.checks)
+    if failure is not None:
+        return _failed_check(state, rollout, service, weights, obs, failure)
     candidate, baseline = roles(rollout)
     n = step_count(rollout)
     if analysis.verdict == "inconclusive":
@@ -494,14 +489,9 @@ def _promotion(
     analysis = obs.analysis
     if analysis is not None:
         state = replace(state, last_analysis={"time": obs.now, **analysis.to_json()})
-    failed_hooks = [check for check in obs.checks if not check.ok]
-    if (analysis is not None and analysis.verdict == "fail") or failed_hooks:
-        why = []
-        if analysis is not None and analysis.verdict == "fail":
-            why.append(f"analysis failed: {analysis.reason}")
-        if failed_hooks:
-            why.append(_describe_checks(failed_hooks))
-        return _failed_check(state, rollout, service, weights, obs, "; ".join(why))
+    failure = _failure(analysis, obs.checks)
+    if failure is not None:
+        return _failed_check(state, rollout, service, weights, obs, failure)
     if obs.confirm is None:
         return Outcome(state)
     refused = [check for check in obs.confirm if not check.ok]
@@ -585,6 +575,18 @@ def _thresholds(rollout: Rollout) -> dict[str, Any]:
     thresholds["threshold"] = rollout.threshold
     thresholds["interval_s"] = rollout.interval
     return thresholds
+
+
+def _failure(analysis: Analysis | None, checks: Sequence[CheckResult]) -> str | None:
+    """Why an interval counts as a failed check (the analysis failed, a gating hook or a
+    pre-switch check failed), or None when it does not."""
+    why = []
+    if analysis is not None and analysis.verdict == "fail":
+        why.append(f"analysis failed: {analysis.reason}")
+    failed = [check for check in checks if not check.ok]
+    if failed:
+        why.append(_describe_checks(failed))
+    return "; ".join(why) or None
 
 
 def _checks_json(checks: Sequence[CheckResult]) -> list[dict[str, Any]]:
