@@ -5,14 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httptools
 
 from proxy.config.loader import parse_config
 from proxy.server import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def laneswitch_command() -> list[str]:
+    """The installed `laneswitch` script next to this Python, else `python -m proxy`."""
+    script = Path(sys.executable).parent / "laneswitch"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("laneswitch")
+    return [found] if found else [sys.executable, "-m", "proxy"]
 
 
 @dataclass

@@ -6,29 +6,19 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-from tests.helpers import Client, RecordingUpstream, get, raw_upstream
+from tests.helpers import Client, RecordingUpstream, get, laneswitch_command, raw_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def command() -> list[str]:
-    """The installed `laneswitch` script next to this Python, else `python -m proxy`."""
-    script = Path(sys.executable).parent / "laneswitch"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("laneswitch")
-    return [found] if found else [sys.executable, "-m", "proxy"]
-
-
 async def run_cli(*args: str, timeout: float = 30) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        *command(),
+        *laneswitch_command(),
         *args,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
@@ -100,7 +90,7 @@ services:
 """
     )
     process = await asyncio.create_subprocess_exec(
-        *command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
+        *laneswitch_command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
     )
     try:
         assert process.stderr is not None
@@ -135,7 +125,11 @@ async def test_python_dash_m_proxy_is_the_same_program() -> None:
 
 async def test_demo_serves_blue_and_green_rolls_green_out_and_stops_on_ctrl_c() -> None:
     process = await asyncio.create_subprocess_exec(
-        *command(), "demo", cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *laneswitch_command(),
+        "demo",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert process.stdout is not None
@@ -191,7 +185,12 @@ services:
 """
         )
         process = await asyncio.create_subprocess_exec(
-            *command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
+            *laneswitch_command(),
+            "run",
+            "-c",
+            str(config),
+            cwd=ROOT,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             assert process.stderr is not None
@@ -217,7 +216,7 @@ services:
 async def start_run(config: Path) -> tuple[asyncio.subprocess.Process, int]:
     """`laneswitch run -c config` and the data port it bound."""
     process = await asyncio.create_subprocess_exec(
-        *command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
+        *laneswitch_command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
     )
     assert process.stderr is not None
     line = await wait_for_line(process.stderr, r"listening on 127\.0\.0\.1:(\d+)")

@@ -7,12 +7,10 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
-import sys
 from pathlib import Path
 
-from tests.helpers import RecordingUpstream
+from tests.helpers import RecordingUpstream, laneswitch_command
 from tests.test_admin import (
     HEALTH,
     TOKEN,
@@ -27,15 +25,6 @@ from tests.test_admin import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def command() -> list[str]:
-    """The installed `laneswitch` script next to this Python, else `python -m proxy`."""
-    script = Path(sys.executable).parent / "laneswitch"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("laneswitch")
-    return [found] if found else [sys.executable, "-m", "proxy"]
-
-
 def client_env(**overrides: str) -> dict[str, str]:
     """The test's environment without any admin settings of the person running it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LANESWITCH_ADMIN")}
@@ -47,7 +36,7 @@ async def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 30
 ) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        *command(),
+        *laneswitch_command(),
         *args,
         cwd=ROOT,
         env=env if env is not None else client_env(),
@@ -138,7 +127,7 @@ async def test_status_watch_redraws_until_interrupted(tmp_path: Path) -> None:
         admin_proxy(tmp_path, config_text(blue.endpoint, green.endpoint)) as proxy,
     ):
         process = await asyncio.create_subprocess_exec(
-            *command(),
+            *laneswitch_command(),
             "status",
             "--watch",
             "--admin",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import yaml
 
 from proxy.config.loader import parse_config
 from proxy.config.model import Config, parse_endpoint
+from tests.helpers import laneswitch_command
 from tests.test_deploy_docker import exec_form, instructions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,11 +98,6 @@ def embedded_configs() -> list[tuple[str, str]]:
     ]
     assert len(found) >= 2, found
     return found
-
-
-def laneswitch_command() -> list[str]:
-    script = Path(sys.executable).parent / "laneswitch"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
 
 
 @pytest.mark.parametrize(

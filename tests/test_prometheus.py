@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import Client, RecordingUpstream, get
+from tests.helpers import Client, RecordingUpstream, get, laneswitch_command
 from tests.test_deploy_grafana import METRIC_NAME, dashboard_queries
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,11 +121,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def laneswitch_command() -> list[str]:
-    script = Path(sys.executable).parent / "laneswitch"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
 
 
 async def stop_process(process: asyncio.subprocess.Process, timeout: float = 10) -> None:

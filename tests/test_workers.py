@@ -38,8 +38,15 @@ from proxy.workers import (
     resolve_workers,
     usable_cores,
 )
-from tests.helpers import Client, RecordingUpstream, Response, get, raw_upstream
-from tests.test_cli import ROOT, command
+from tests.helpers import (
+    ROOT,
+    Client,
+    RecordingUpstream,
+    Response,
+    get,
+    laneswitch_command,
+    raw_upstream,
+)
 
 # -- the pieces ------------------------------------------------------------------------------------
 
@@ -218,7 +225,13 @@ class Proxy:
 @contextlib.asynccontextmanager
 async def laneswitch(config: Path, *args: str) -> AsyncIterator[Proxy]:
     process = await asyncio.create_subprocess_exec(
-        *command(), "run", "-c", str(config), *args, cwd=ROOT, stderr=asyncio.subprocess.PIPE
+        *laneswitch_command(),
+        "run",
+        "-c",
+        str(config),
+        *args,
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
     )
     proxy = Proxy(process)
     try:
@@ -544,7 +557,12 @@ services:
 """
         )
         process = await asyncio.create_subprocess_exec(
-            *command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
+            *laneswitch_command(),
+            "run",
+            "-c",
+            str(config),
+            cwd=ROOT,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             _, err = await asyncio.wait_for(process.communicate(), 15)
@@ -559,7 +577,7 @@ services:
 
 async def test_workers_flag_is_validated() -> None:
     process = await asyncio.create_subprocess_exec(
-        *command(), "run", "--workers", "0", cwd=ROOT, stderr=asyncio.subprocess.PIPE
+        *laneswitch_command(), "run", "--workers", "0", cwd=ROOT, stderr=asyncio.subprocess.PIPE
     )
     _, err = await asyncio.wait_for(process.communicate(), 15)
     assert process.returncode == 2
