@@ -93,7 +93,7 @@ async def new_connection_client(
             await client.close()
 
 
-async def test_switches_weights_and_reloads_under_load_fail_nothing(tmp_path: Path) -> None:
+async def test_switches_weights_rollbacks_and_reloads_under_load_fail_nothing(tmp_path: Path) -> None:
     blue = await RecordingUpstream("blue").start()
     green = await RecordingUpstream("green").start()
     path = tmp_path / "laneswitch.yaml"
@@ -109,13 +109,16 @@ async def test_switches_weights_and_reloads_under_load_fail_nothing(tmp_path: Pa
         load = asyncio.gather(*clients)
         control = server.control
         deadline = time.monotonic() + 10
-        step = 10 / 35
+        step = 10 / 38
         for i in range(20):
             await control.switch("shop", "green" if i % 2 == 0 else "blue")
             await asyncio.sleep(step)
         for i in range(10):
             await control.set_weights("shop", {"blue": 10 * i, "green": 100 - 10 * i})
             await asyncio.sleep(step)
+            if i % 3 == 2:
+                await control.rollback("shop")  # back to the weights before that change
+                await asyncio.sleep(step)
         for i in range(5):
             # Valid edits the proxy must apply without dropping anything.
             path.write_text(config_text(blue.endpoint, green.endpoint, extra=f"trusted_hops: {i}"))
