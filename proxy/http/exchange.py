@@ -1,4 +1,4 @@
-"""One request and its response: routing, the upstream side, and the answer (SPEC §3, §7).
+"""One request and its response: routing, the upstream side, and the answer.
 
 An `Exchange` is created by the client connection (`proxy.http.protocol`) for every request
 head; it picks a version and an endpoint from the route table, takes a pooled upstream
@@ -38,7 +38,7 @@ NEVER = float("inf")  # a deadline that is not armed
 
 _NO_BODY_STATUS = frozenset({204, 304})
 
-# The headers the proxy adds to every request it forwards (SPEC §7), filled in one formatting.
+# The headers the proxy adds to every request it forwards, filled in one formatting.
 _FORWARDED = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %s\r\n"
 _FORWARDED_WITH_HOST = (
     b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
@@ -237,7 +237,7 @@ class Exchange:
         )
 
     def _build_upstream_head(self, route: ServiceRoute, peer: bytes, trusted_hops: int) -> bytes:
-        """Pick the version and write the request head the upstream gets (SPEC §3, §7)."""
+        """Pick the version and write the request head the upstream gets."""
         force_value: bytes | None = None
         sticky_value: bytes | None = None
         cookies: list[bytes] = []

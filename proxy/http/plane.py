@@ -103,7 +103,7 @@ class DataPlane:
     def _drain_losers(self, old: RouteTable, new: RouteTable) -> None:
         """A version that lost all its traffic stops reusing its upstream connections now (idle
         ones close, busy ones after their exchange), and what is still in flight on it at
-        `drain_timeout` is cut and counted (SPEC §8 promise 2)."""
+        `drain_timeout` is cut and counted."""
         for service in old.services:
             new_service = new.service(service.name)
             for version in service.versions:

@@ -308,7 +308,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self._arm(_IDLE, self.settings.idle_timeout)
 
     def _inspect(self, ex: Exchange) -> Failure | None:
-        """Request checks the parser leaves to us (RFC 9112 §3.2, §6.1; SPEC §7 limits)."""
+        """Request checks the parser leaves to us (RFC 9112 §3.2, §6.1) and the size limits."""
         if ex.method == b"CONNECT":
             return Failure.METHOD_NOT_ALLOWED
         line_bytes = len(ex.url) + len(ex.method) + REQUEST_LINE_OVERHEAD
