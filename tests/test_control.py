@@ -93,7 +93,9 @@ async def new_connection_client(
             await client.close()
 
 
-async def test_switches_weights_rollbacks_and_reloads_under_load_fail_nothing(tmp_path: Path) -> None:
+async def test_switches_weights_rollbacks_and_reloads_under_load_fail_nothing(
+    tmp_path: Path,
+) -> None:
     blue = await RecordingUpstream("blue").start()
     green = await RecordingUpstream("green").start()
     path = tmp_path / "laneswitch.yaml"

@@ -394,7 +394,9 @@ class StickyConfig(_Model):
     """Where the sticky user key is read from: exactly one of header or cookie."""
 
     header: Token | None = None
+    """Request header holding the user key (e.g. X-User-Id)."""
     cookie: Token | None = None
+    """Cookie holding the user key."""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StickyConfig:
@@ -407,7 +409,9 @@ class ForceConfig(_Model):
     """Header and/or cookie whose value (always | never | a version name) forces a version."""
 
     header: Token | None = None
+    """Request header whose value forces a version (removed before forwarding)."""
     cookie: Token | None = None
+    """Cookie whose value forces a version (removed before forwarding); the header wins."""
 
     @model_validator(mode="after")
     def _at_least_one(self) -> ForceConfig:
@@ -420,8 +424,11 @@ class HealthCheckConfig(_Model):
     """Active HTTP health checks of every endpoint of every version."""
 
     path: UrlPath = "/healthz"
+    """Path requested; 2xx and 3xx pass."""
     interval: Duration = Field(default=5.0, gt=0)
+    """Time between two checks of an endpoint."""
     timeout: Duration = Field(default=1.0, gt=0)
+    """A check not answered within this fails."""
     healthy_threshold: int = Field(default=2, ge=1)
     """Consecutive passes before an endpoint counts as healthy."""
     unhealthy_threshold: int = Field(default=3, ge=1)
@@ -447,8 +454,11 @@ class RolloutMetrics(_Model):
     """What the analysis checks each interval; at least one metric."""
 
     success_rate: SuccessRateCheck | None = None
+    """Absolute success rate check."""
     latency_p99: LatencyCheck | None = None
+    """99th percentile latency check."""
     success_rate_vs_stable: RelativeSuccessRateCheck | None = None
+    """Success rate compared with the stable (active) version's."""
 
     @model_validator(mode="after")
     def _not_empty(self) -> RolloutMetrics:
@@ -465,10 +475,15 @@ class Webhook(_Model):
     """A Flagger-style webhook called at a rollout event."""
 
     name: str = Field(min_length=1)
+    """Name, for the log and the events."""
     type: Literal["pre-rollout", "rollout", "confirm-promotion", "post-rollout", "rollback"]
+    """When it is called; a failing pre-rollout or confirm-promotion hook holds the rollout."""
     url: Annotated[str, AfterValidator(_check_http_url)]
+    """http:// or https:// URL, called with POST."""
     timeout: Duration = Field(default=5.0, gt=0)
+    """Per attempt."""
     retries: int = Field(default=2, ge=0)
+    """Further attempts after a failure."""
     metadata: dict[str, str] = {}
     """Sent in the webhook's JSON body."""
 
@@ -481,14 +496,19 @@ class CanaryRollout(_Model):
     """
 
     strategy: Literal["canary"]
+    """Which kind of rollout."""
     stable: str
     """The version that carries traffic now."""
     canary: str
     """The version being rolled out."""
     step_weights: list[Percent] | None = Field(default=None, min_length=1)
+    """Canary share (%) at each step, increasing; then promotion to 100 %."""
     step_weight: Percent | None = None
+    """Canary share (%) added per step (with max_weight)."""
     max_weight: Percent | None = None
+    """Last step's canary share (%) (with step_weight)."""
     interval: Duration = Field(default=60.0, gt=0)
+    """One analysis per interval and, when it passes, one step."""
     threshold: int = Field(default=3, ge=1)
     """Failed checks (cumulative in a run) that trigger a rollback."""
     min_requests: int = Field(default=50, ge=1)
@@ -496,8 +516,10 @@ class CanaryRollout(_Model):
     progress_deadline: Duration = Field(default=600.0, gt=0)
     """Inconclusive this long -> pause and wait for a person."""
     promotion: Literal["auto", "manual"] = "auto"
+    """auto: promote after the last step; manual: wait for `laneswitch rollout promote`."""
     metrics: RolloutMetrics
     webhooks: list[Webhook] = []
+    """Flagger-style webhooks called at rollout events."""
 
     @model_validator(mode="after")
     def _check(self) -> CanaryRollout:
@@ -541,14 +563,18 @@ class PreSwitchCheck(_Model):
     """A request sent to the preview version before a blue-green switch."""
 
     path: UrlPath
+    """Path requested on the preview version."""
     expect_status: int = Field(default=200, ge=100, le=599)
+    """The status that passes."""
     timeout: Duration = Field(default=2.0, gt=0)
+    """A check not answered within this fails."""
 
 
 class BlueGreenRollout(_Model):
     """Blue-green: switch all traffic to the preview, bake, roll back if the analysis fails."""
 
     strategy: Literal["blue-green"]
+    """Which kind of rollout."""
     active: str
     """The version that carries traffic now."""
     preview: str
@@ -556,11 +582,16 @@ class BlueGreenRollout(_Model):
     bake_time: Duration = Field(default=120.0, ge=0)
     """How long the new active version is watched after the switch."""
     interval: Duration = Field(default=10.0, gt=0)
+    """One analysis per interval."""
     threshold: int = Field(default=2, ge=1)
+    """Failed analyses (cumulative in a run) that trigger a rollback."""
     min_requests: int = Field(default=20, ge=1)
+    """Fewer requests to the judged version in an interval -> inconclusive: hold."""
     metrics: RolloutMetrics
     pre_switch: list[PreSwitchCheck] = []
+    """Requests sent to the preview before the switch; any unexpected answer holds it."""
     webhooks: list[Webhook] = []
+    """Flagger-style webhooks called at rollout events."""
 
     @model_validator(mode="after")
     def _check(self) -> BlueGreenRollout:
@@ -592,6 +623,7 @@ class ServiceConfig(_Model):
     """Response header naming the version that served; "" = off."""
     health_check: HealthCheckConfig | None = None
     rollout: RolloutConfig | None = None
+    """A progressive rollout with laneswitch's own analysis."""
 
     @field_validator("versions")
     @classmethod
