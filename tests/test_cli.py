@@ -89,13 +89,8 @@ services:
     version_header: X-App-Version
 """
     )
-    process = await asyncio.create_subprocess_exec(
-        *laneswitch_command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
-    )
+    process, port = await start_run(config)
     try:
-        assert process.stderr is not None
-        line = await wait_for_line(process.stderr, r"listening on 127\.0\.0\.1:(\d+)")
-        port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))  # type: ignore[union-attr]
         client = await Client.connect(port)
         versions = [(await client.request(get())).header("X-App-Version") for _ in range(10)]
         assert versions.count(b"blue") == 5 and versions.count(b"green") == 5
@@ -184,18 +179,8 @@ services:
       v1: {{endpoints: ["{upstream}"], weight: 100}}
 """
         )
-        process = await asyncio.create_subprocess_exec(
-            *laneswitch_command(),
-            "run",
-            "-c",
-            str(config),
-            cwd=ROOT,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        process, port = await start_run(config)
         try:
-            assert process.stderr is not None
-            line = await wait_for_line(process.stderr, r"listening on 127\.0\.0\.1:(\d+)")
-            port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))  # type: ignore[union-attr]
             clients = [await Client.connect(port) for _ in range(10)]
             for client in clients:
                 await client.send(get())
