@@ -10,6 +10,7 @@ still in flight on them at `drain_timeout` is cut and counted.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -95,6 +96,10 @@ class ControlPlane:
         # return once every process serving traffic has applied that table (or a later one).
         self.table_acks: list[Callable[[int], Awaitable[None]]] = []
         self._lock = asyncio.Lock()
+        # Serialises state-file writes: some are made outside `_lock` (background webhook
+        # verdicts, a refused rollout start), and two writes in flight at once could land in
+        # the wrong order, an older state replacing a newer one.
+        self._save_lock = asyncio.Lock()
         # Progressive rollouts: their timers, decisions and state (kept in rollout_state).
         self.rollouts = RolloutManager(self)
 
@@ -277,6 +282,15 @@ class ControlPlane:
         the rollout's state, already updated by the caller). The event's from/to are the
         weights when they change, else the rollout's phases."""
         async with self._lock:
+            # The decision was computed before the lock: a reload in between may have removed
+            # the service or renamed its versions, and weights of the old config must never be
+            # installed (that reload already dealt with the rollout).
+            current = self.config.services.get(service)
+            if current is None or (
+                weights is not None and validate_weights(current, weights) is not None
+            ):
+                log.warning("%s: %s dropped: the config changed under it", service, action)
+                return
             before = dict(self.weights[service])
             from_: Any = phases[0]
             to: Any = phases[1]
@@ -308,6 +322,11 @@ class ControlPlane:
         reason: str,
     ) -> dict[str, Any]:
         async with self._lock:
+            # `after` was computed from the config before the lock: a reload that got the lock
+            # first may have removed the service or renamed its versions or weight_total.
+            self._service(service)
+            if validate_weights(self.config.services[service], after) is not None:
+                raise ControlError(409, f"the config of {service!r} changed under the call; retry")
             before = dict(self.weights[service])
             result = {"service": service, "from": before, "to": after, "dry_run": dry_run}
             if dry_run:
@@ -333,14 +352,16 @@ class ControlPlane:
         starts: list[tuple[str, str]] = []
         async with self._lock:
             if self.config_path is None:
-                return self._reload_failed(["no config file to reload (embedded config)"], actor)
+                return await self._reload_failed(
+                    ["no config file to reload (embedded config)"], actor
+                )
             try:
                 text = await asyncio.to_thread(Path(self.config_path).read_text, "utf-8")
                 config = parse_config(text, source=self.config_path)
             except ConfigError as exc:
-                return self._reload_failed(exc.errors, actor)
+                return await self._reload_failed(exc.errors, actor)
             except (OSError, UnicodeDecodeError) as exc:
-                return self._reload_failed([f"{self.config_path}: cannot read: {exc}"], actor)
+                return await self._reload_failed([f"{self.config_path}: cannot read: {exc}"], actor)
             digest = config_digest(text)
             changed = digest != self.config_hash
             self.reloads["success"] += 1
@@ -351,10 +372,12 @@ class ControlPlane:
                 starts = self.rollouts.config_changed(old, config)
                 self.config_hash = digest
                 self.loaded_at = time.time()
-                self.install()
-                await self.applied()
+                # Listeners first: the health checker marks new endpoints unknown (no traffic
+                # until a check passes), so no table, pushed to workers or not, routes to them.
                 for listener in self.config_listeners:
                     listener(config)
+                self.install()
+                await self.applied()
                 self.events.record(actor, "reload", None, to=digest, reason="config applied")
             else:
                 self.events.record(actor, "reload", None, to=digest, reason="file unchanged")
@@ -372,12 +395,13 @@ class ControlPlane:
             self.events.record("config", "start_refused", service, reason=f"{reason}: {exc}")
             await self.save()
 
-    def _reload_failed(self, errors: list[str], actor: str) -> ReloadResult:
+    async def _reload_failed(self, errors: list[str], actor: str) -> ReloadResult:
         self.reloads["failure"] += 1
         self.last_reload_error = errors
         for line in errors:
             log.error("reload rejected: %s", line)
         self.events.record(actor, "reload_failed", None, reason="; ".join(errors[:5]))
+        await self.save()  # the decision record is kept in the state file (SPEC §6)
         return ReloadResult(ok=False, errors=errors)
 
     def _adopt(self, config: Config) -> None:
@@ -437,11 +461,21 @@ class ControlPlane:
         path = self.config.state_file
         if path is None:
             return
-        state = self.runtime_state()
-        try:
-            await asyncio.to_thread(save_state, path, state)
-        except OSError as exc:
-            log.error("cannot write the state file %s: %s", path, exc)
+        async with self._save_lock:
+            # A copy: the thread serialises it while the loop goes on changing the originals.
+            state = copy.deepcopy(self.runtime_state())
+            try:
+                await asyncio.to_thread(save_state, path, state)
+            except OSError as exc:
+                log.error("cannot write the state file %s: %s", path, exc)
+
+    async def shutdown(self) -> None:
+        """The graceful stop began: no rollout decision from now on (one being carried out
+        finishes first, so its weights, event and state file stay together); then the state
+        is saved a last time."""
+        await self.rollouts.shutdown()
+        async with self._lock:
+            await self.save()
 
     def close(self) -> None:
         self.rollouts.close()

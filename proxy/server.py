@@ -187,6 +187,8 @@ class Server:
         self.control.draining = True
         for listener in self.listeners:
             listener.close()
+        # No new decisions once the stop began; the state file gets the last word.
+        await self.control.shutdown()
         if self.watcher is not None:
             await self.watcher.stop()
         if self.pool is not None:

@@ -60,6 +60,7 @@ class RolloutManager:
         # baseline's counters).
         self._marks: dict[str, tuple[float, StatsSnapshot, StatsSnapshot]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._closed = False  # the graceful stop began: no timer runs again
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -226,6 +227,20 @@ class RolloutManager:
             if name not in services or services[name].rollout is None:
                 del self.control.rollout_state[name]
         for name, service in services.items():
+            rollout = service.rollout
+            state = self.state(name)
+            if rollout is None or state.phase not in RUNNING or state.fingerprint is None:
+                continue
+            # The file's roles changed while the proxy was down: resuming would move traffic
+            # between versions in roles nobody started a rollout for. A reload aborts such a
+            # run (`config_changed`); a restart must not do otherwise.
+            if state.fingerprint.split("|", 1)[0] != roles(rollout)[0]:
+                state.phase = "aborted"
+                state.paused_from = None
+                state.reason = "the rollout's roles changed while the proxy was down"
+                self._store(name, state)
+                log.warning("%s: %s", name, state.reason)
+        for name, service in services.items():
             if service.rollout is not None and self.state(name).phase in TICKING:
                 log.info("%s: resuming the rollout (%s)", name, self.state(name).phase)
                 self._run(name, immediate=False)
@@ -265,7 +280,17 @@ class RolloutManager:
                 )
         return starts
 
+    async def shutdown(self) -> None:
+        """Stop every timer for good. A tick's decision is carried out under its service's
+        lock, so taking the lock first lets one in progress finish instead of cancelling it
+        between its weights and its event."""
+        self._closed = True
+        for name in list(self._tasks):
+            async with self._lock(name):
+                self._stop_task(name)
+
     def close(self) -> None:
+        self._closed = True
         for name in list(self._tasks):
             self._stop_task(name)
         for task in list(self._background):
@@ -277,6 +302,8 @@ class RolloutManager:
     def _run(self, service: str, *, immediate: bool) -> None:
         """(Re)start the service's timer task; the window starts now."""
         self._stop_task(service)
+        if self._closed:
+            return
         self._mark(service)
         task = asyncio.get_running_loop().create_task(
             self._loop(service, immediate), name=f"rollout-{service}"
