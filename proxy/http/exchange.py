@@ -38,6 +38,10 @@ NEVER = float("inf")  # a deadline that is not armed
 
 _NO_BODY_STATUS = frozenset({204, 304})
 
+# Methods a dead reused connection may be retried for (RFC 9110 §9.2.2): the upstream may have
+# processed the request before it died, and a proxy must not replay any other (RFC 9112 §9.3.1.1).
+_IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
 # The headers the proxy adds to every request it forwards, filled in one formatting.
 _FORWARDED = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %s\r\n"
 _FORWARDED_WITH_HOST = (
@@ -455,6 +459,7 @@ class Exchange:
             self.proto.write(b"".join(out))
             out.clear()
         self.upstream = None
+        self.proto.gate_resume(PEER_WRITE_BLOCKED)  # see _drop_upstream
         # Reused only after a clean exchange: whole request sent, whole response read.
         conn.release(reusable=self.request_sent and conn.keep_alive())
         if not self.request_complete and (self.content_length > 0 or self.chunked_in):
@@ -472,6 +477,7 @@ class Exchange:
 
     def upstream_failed(self, conn: UpstreamConnection, failure: Failure) -> None:
         self.upstream = None
+        self.proto.gate_resume(PEER_WRITE_BLOCKED)  # see _drop_upstream
         if self.done:
             self.proto.close()  # a tunnel ended
             return
@@ -486,10 +492,12 @@ class Exchange:
             and not self.retried
             and self.content_length <= 0
             and not self.chunked_in
+            and self.method in _IDEMPOTENT_METHODS
             and self.endpoint is not None
         ):
-            # A pooled connection the upstream closed as we reused it: nothing was processed
-            # (no response byte came back) and there is no body to replay, so retry once.
+            # A pooled connection the upstream closed as we reused it: no response byte came
+            # back and there is no body to replay. The upstream may still have processed the
+            # request, so only an idempotent one is retried, once.
             self.retried = True
             self._dispatch(self.endpoint)
             return
@@ -514,6 +522,10 @@ class Exchange:
         if upstream is not None:
             self.upstream = None
             upstream.abort()
+            # Its write buffer may have paused the client's reads, and a released or aborted
+            # connection never calls resume_writing: left paused, a kept-alive client's next
+            # request would never be read.
+            self.proto.gate_resume(PEER_WRITE_BLOCKED)
 
     def settle(self, status: int | None) -> float:
         """Record the outcome once: the status sent, or None when no answer was completed.

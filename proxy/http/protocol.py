@@ -99,7 +99,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.parsing: Exchange | None = None  # the exchange whose request is being parsed
         self.pipeline: deque[Exchange] = deque()  # parsed, waiting for the active one
         self.head_bytes = 0  # exact size of the head's completed lines
-        self.head_fed = 0  # bytes of chunks fed while inside one head
+        # Bytes of reads fed wholly inside one head, or inside a chunked body's framing and
+        # trailer fields (reads that carried no body byte).
+        self.head_fed = 0
         self.closing = False  # no further request will be read or started
         self.write_blocked = False
         self.tunnel: UpstreamConnection | None = None
@@ -139,6 +141,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         ex = self.parsing
         in_head = ex is not None and not ex.method
+        received = ex.body_received if ex is not None else 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -156,7 +159,11 @@ class DownstreamProtocol(asyncio.Protocol):
             self._reject(Failure.BAD_REQUEST)
             return
         parsing = self.parsing
-        if parsing is None or parsing.method:
+        if parsing is None:
+            return
+        if parsing.method:
+            if parsing is ex and not in_head and ex.chunked_in:
+                self._count_framing(ex, received, len(data))
             return
         if in_head and parsing is ex:
             # httptools buffers a header until it ends; a chunk fed wholly inside one head counts
@@ -168,6 +175,17 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.timer_kind != _HEADER:
             # This read began a head without ending it: its clock started with this read.
             self._arm(_HEADER, self.settings.header_timeout)
+
+    def _count_framing(self, ex: Exchange, received: int, size: int) -> None:
+        """A chunked body's read that carried no body byte is chunk framing or trailer fields,
+        and httptools holds a trailer field until it ends: such reads in a row count against
+        the header limit, so an endless trailer cannot grow without bound either."""
+        if ex.body_received != received:
+            self.head_fed = 0
+            return
+        self.head_fed += size
+        if self.head_fed > self.settings.max_header_bytes:
+            self._reject(Failure.HEADERS_TOO_LARGE)
 
     def eof_received(self) -> bool | None:
         active = self.active
@@ -269,6 +287,7 @@ class DownstreamProtocol(asyncio.Protocol):
             # arrived whole: neither applies any more.
             self.deadline = NEVER
             self.timer_kind = 0
+        self.head_fed = 0  # from here on it counts a chunked body's framing
         parser = self.parser
         ex.method = parser.get_method()
         keep_alive = ex.keep_alive = parser.should_keep_alive()
@@ -354,7 +373,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if ex is self.active or self.active is None:
             self.active = ex
             self.answer(ex, failure)
-        else:
+        elif ex not in self.pipeline:  # a queued request failing in its body is queued already
             self.pipeline.append(ex)
 
     def fail_request(self, ex: Exchange, failure: Failure) -> None:

@@ -52,6 +52,10 @@ REQUEST_HEADER_KINDS: dict[bytes, int] = {
 # Connection options that name no header: they need no second pass over the headers.
 PLAIN_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b"upgrade"})
 
+# Options never honoured as names of headers to drop: Content-Length frames the message the proxy
+# forwards (as received), and dropping it would leave a keep-alive peer with no framing at all.
+_NOT_DROPPED = PLAIN_CONNECTION_OPTIONS | {b"content-length"}
+
 
 # Header names remembered as sent (any case) by a `HeaderKinds`: peers use a few spellings of a
 # few dozen names, so the cache is nearly always hit; the bound keeps a peer that sends endless
@@ -99,7 +103,7 @@ def named_by_connection(values: list[bytes]) -> frozenset[bytes]:
     """Header names a message's Connection headers declare hop-by-hop (usually none)."""
     if len(values) == 1 and values[0].lower() in PLAIN_CONNECTION_OPTIONS:
         return frozenset()
-    return connection_tokens(values) - PLAIN_CONNECTION_OPTIONS
+    return connection_tokens(values) - _NOT_DROPPED
 
 
 def drop_named(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:

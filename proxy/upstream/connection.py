@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     from proxy.upstream.pool import UpstreamPool
 
 
+# Bytes of reads an upstream may send inside one response head (and its interim responses)
+# before the response is refused as invalid: httptools holds a header until it ends, so this
+# bounds what a broken or hostile upstream can make us buffer before its body starts.
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+
+
 class State(enum.Enum):
     NEW = "new"  # connecting
     ACTIVE = "active"  # owned by an exchange
@@ -66,6 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
         "exchanges",
         "gate",
         "generation",
+        "head_fed",
         "head_only",
         "idle_since",
         "lines",
@@ -96,6 +103,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink: ResponseSink | None = None
         self.head_only = False  # the request was HEAD: the response has no body, whatever it says
         self.response_started = False
+        self.head_fed = 0  # bytes of reads fed wholly inside this exchange's response head
         self.status = 0
         self.reason = b""
         # The response head, sorted as it is parsed: lines to forward verbatim, and the values
@@ -131,6 +139,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection are a protocol violation; it cannot be reused safely.
             self.close()
             return
+        started = self.response_started
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -144,6 +153,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(Failure.UPSTREAM_PROTOCOL)
             return
         if self.sink is not None:
+            if self.sink is sink and not started and not self.response_started:
+                self.head_fed += len(data)
+                if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
+                    self._fail(Failure.UPSTREAM_PROTOCOL)
+                    return
             self.sink.upstream_flush()
 
     def eof_received(self) -> bool | None:
@@ -203,6 +217,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if status < 200 and status != 101:
             return  # interim responses are forwarded at message complete
+        if status == 101 and not self.parser.should_upgrade():
+            # No `Upgrade` with `Connection: upgrade`: llhttp fails the message right after
+            # this callback. Nothing reached the client yet, so it gets a clean 502.
+            self._fail(Failure.UPSTREAM_PROTOCOL)
+            return
         self.response_started = True
         sink.upstream_head(self)
         if self.head_only and self.sink is not None:
@@ -235,6 +254,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = ACTIVE
         self.sink = sink
         self.head_only = head_only
+        self.head_fed = 0
         # As _reset_response, spelled out: this runs for every exchange.
         self.response_started = False
         self.status = 0
