@@ -14,6 +14,7 @@ class Failure(enum.Enum):
 
     BAD_REQUEST = (400, None, "malformed request")
     HEADER_TIMEOUT = (408, None, "request head not received in time")
+    BODY_TIMEOUT = (408, None, "request body stalled")
     METHOD_NOT_ALLOWED = (405, None, "method not supported by a reverse proxy")
     BODY_TOO_LARGE = (413, None, "request body over the limit")
     URI_TOO_LONG = (414, None, "request line over the limit")

@@ -1009,3 +1009,45 @@ async def test_pipelined_good_requests_are_answered_in_order_before_the_400(bad:
         await client.close()
     assert [r.url for r in blue.requests] == [b"/1", b"/2"]
     await blue.stop()
+
+
+# -- a request body that stalls ------------------------------------------------------------------
+
+
+async def test_a_stalled_request_body_gets_408_and_the_upstream_never_sees_it_complete() -> None:
+    blue = await RecordingUpstream("blue").start()
+    green = await RecordingUpstream("green").start()
+    config = two_version_config(
+        blue.endpoint, green.endpoint, 100, 0, extra_top="timeouts: {idle: 300ms}"
+    )
+    async with running_proxy(config) as proxy:
+        client = await proxy.client()
+        await client.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789")
+        async with asyncio.timeout(3):
+            response = await client.response()
+        assert response.status == 408
+        assert await client.closed()
+        assert blue.requests == []  # the body never completed upstream
+        assert proxy.stats("shop", "blue").in_flight == 0
+    await blue.stop()
+    await green.stop()
+
+
+async def test_a_slow_but_steady_request_body_is_not_cut() -> None:
+    blue = await RecordingUpstream("blue").start()
+    green = await RecordingUpstream("green").start()
+    config = two_version_config(
+        blue.endpoint, green.endpoint, 100, 0, extra_top="timeouts: {idle: 300ms}"
+    )
+    async with running_proxy(config) as proxy:
+        client = await proxy.client()
+        await client.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+        for byte in b"0123456789":  # 1 s in all, never 300 ms without a byte
+            await asyncio.sleep(0.1)
+            await client.send(bytes([byte]))
+        response = await client.response()
+        assert response.status == 200
+        assert blue.requests[0].body == b"0123456789"
+        await client.close()
+    await blue.stop()
+    await green.stop()

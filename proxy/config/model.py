@@ -349,7 +349,7 @@ class Timeouts(_Model):
     response: Duration = Field(default=30.0, gt=0)
     """The upstream must start its response within this after the request."""
     idle: Duration = Field(default=60.0, gt=0)
-    """Keep-alive idle time, both sides."""
+    """Keep-alive idle time, both sides; also the longest pause inside a request body (408)."""
 
 
 class Limits(_Model):

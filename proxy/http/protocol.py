@@ -50,6 +50,7 @@ LONGEST_METHOD = 16
 # What the connection's one deadline is for.
 _HEADER = 1
 _IDLE = 2
+_BODY = 3  # the request body stalled: no byte of it for `timeouts.idle`
 
 
 class _StopParsing(Exception):
@@ -164,6 +165,10 @@ class DownstreamProtocol(asyncio.Protocol):
         if parsing.method:
             if parsing is ex and not in_head and ex.chunked_in:
                 self._count_framing(ex, received, len(data))
+            # Inside a body: it may pause, but not for longer than the idle timeout (what nginx
+            # calls client_body_timeout), or a stalled upload would hold both connections.
+            if not self.closing:
+                self._arm(_BODY, self.settings.idle_timeout)
             return
         if in_head and parsing is ex:
             # httptools buffers a header until it ends; a chunk fed wholly inside one head counts
@@ -319,6 +324,8 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex = self.parsing
         self.parsing = None
+        if self.timer_kind == _BODY:
+            self._disarm()
         if ex is not None:
             ex.body_complete()
         if self.closing:
@@ -539,6 +546,10 @@ class DownstreamProtocol(asyncio.Protocol):
             # A client that started a request head and trickles it (slowloris): 408 in its
             # turn, behind any answer still owed on this connection, then close.
             self._reject(Failure.HEADER_TIMEOUT)
+            return
+        if kind == _BODY and self.parsing is not None:
+            # 408 in its turn if none of its answer went out, else the connection is cut.
+            self._reject(Failure.BODY_TIMEOUT)
             return
         if self.active is None and not self.pipeline:
             self.close()
