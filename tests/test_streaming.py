@@ -559,3 +559,27 @@ async def test_head_with_a_chunked_upstream_answer_ends_at_the_head() -> None:
         assert blue.connections == 1
         await client.close()
     await blue.stop()
+
+
+async def test_an_answer_before_the_whole_body_says_connection_close_and_closes() -> None:
+    async def refuses_early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+        await writer.drain()
+        await reader.read()  # whatever follows is not read as a request
+
+    async with (
+        raw_upstream(refuses_early) as endpoint,
+        running_proxy(only_blue(endpoint)) as proxy,
+    ):
+        client = await proxy.client()
+        await client.send(
+            b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000
+        )
+        response = await client.response()
+        assert response.status == 413
+        assert response.body == b"big!"
+        # The rest of the body would otherwise be read as the next request: the connection
+        # closes, and the answer says so.
+        assert response.header("Connection") == b"close"
+        assert await client.closed()

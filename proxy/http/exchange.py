@@ -435,6 +435,10 @@ class Exchange:
                 tail += b"Transfer-Encoding: chunked\r\n"
         if self.upgrade:
             self.close_after = True  # the client may already be talking the refused protocol
+        if not self.request_complete and (self.content_length > 0 or self.chunked_in):
+            # The upstream answers before the whole body arrived: where that body ends is not
+            # known any more, so the connection closes after this answer; say so.
+            self.close_after = True
         if self.close_after or not self.keep_alive or self.proto.plane.draining:
             self.close_after = True
             return tail + b"Connection: close\r\n\r\n"
