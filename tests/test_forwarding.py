@@ -177,3 +177,18 @@ async def test_many_concurrent_clients() -> None:
         assert len(blue.requests) + len(green.requests) == 1000
     await blue.stop()
     await green.stop()
+
+
+async def test_the_version_header_is_the_proxys_even_when_the_upstream_sends_one() -> None:
+    blue = await RecordingUpstream(
+        "blue", responder=lambda r: ok_response(extra=b"x-app-version: 9.9-from-upstream\r\n")
+    ).start()
+    green = await RecordingUpstream("green").start()
+    async with running_proxy(two_version_config(blue.endpoint, green.endpoint, 100, 0)) as proxy:
+        client = await proxy.client()
+        response = await client.request(get())
+        versions = [v for k, v in response.headers if k.lower() == b"x-app-version"]
+        assert versions == [b"blue"]
+        await client.close()
+    await blue.stop()
+    await green.stop()

@@ -344,7 +344,7 @@ class Exchange:
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
-        conn.begin(self, head_only=self.method == b"HEAD")
+        conn.begin(self, self.method == b"HEAD", self.proto.plane.response_kinds)
         if self.body_buffer:
             body = self.body_buffer
             if self.chunked_in:

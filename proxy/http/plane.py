@@ -43,6 +43,11 @@ class RequestIds:
         return b"%s-%x" % (self.prefix, self.count)
 
 
+def version_headers(table: RouteTable) -> set[bytes]:
+    """Every service's version header name (lower-cased)."""
+    return {s.version_header.lower() for s in table.services if s.version_header is not None}
+
+
 def control_headers(table: RouteTable) -> set[bytes]:
     """Every service's force and sticky header names (lower-cased)."""
     names: set[bytes] = set()
@@ -66,6 +71,7 @@ class DataPlane:
         "loop",
         "pools",
         "request_ids",
+        "response_kinds",
         "stats",
         "table",
         "ticker",
@@ -86,6 +92,7 @@ class DataPlane:
         self.draining = False
         self.drained = asyncio.Event()  # set once draining and nothing is in flight
         self.header_kinds = wire.request_header_kinds(control_headers(table))
+        self.response_kinds = wire.response_header_kinds(version_headers(table))
         self.ticker: asyncio.TimerHandle | None = None
         # Versions draining after they lost all their traffic -> the timer that cuts what is
         # left on them at drain_timeout.
@@ -97,6 +104,7 @@ class DataPlane:
         old = self.table
         self.table = table
         self.header_kinds = wire.request_header_kinds(control_headers(table))
+        self.response_kinds = wire.response_header_kinds(version_headers(table))
         self.pools.set_idle_timeout(table.settings.idle_timeout)
         self._drain_losers(old, table)
 

@@ -25,6 +25,7 @@ FORWARDED_FOR = 8  # rebuilt from the socket peer
 REQUEST_ID = 9  # kept, or generated when absent
 REBUILT = 10  # X-Forwarded-Proto and X-Forwarded-Host: replaced
 CONTROL = 11  # some service's force or sticky header (see `request_header_kinds`)
+PROXY_OWN = 12  # a response header the proxy sets itself (the version header): dropped
 
 _HOP_KINDS = {
     b"connection": CONNECTION,
@@ -92,6 +93,15 @@ def request_header_kinds(control_headers: set[bytes]) -> HeaderKinds:
     kinds = dict(REQUEST_HEADER_KINDS)
     for name in control_headers:
         kinds.setdefault(name, CONTROL)
+    return HeaderKinds(kinds)
+
+
+def response_header_kinds(own_headers: set[bytes]) -> HeaderKinds:
+    """RESPONSE_HEADER_KINDS plus the services' version headers (lower-cased): the proxy names
+    the version that served, so an upstream's header of that name must not reach the client."""
+    kinds = dict(RESPONSE_HEADER_KINDS)
+    for name in own_headers:
+        kinds.setdefault(name, PROXY_OWN)
     return HeaderKinds(kinds)
 
 

@@ -22,6 +22,7 @@ from proxy.http.wire import (
     RESPONSE_KINDS,
     TRANSFER_ENCODING,
     UPGRADE,
+    HeaderKinds,
 )
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class UpstreamConnection(asyncio.Protocol):
         "head_fed",
         "head_only",
         "idle_since",
+        "kinds",
         "lines",
         "parser",
         "pool",
@@ -101,6 +103,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel = False
         # Per exchange.
         self.sink: ResponseSink | None = None
+        self.kinds = RESPONSE_KINDS  # how response headers are sorted (see `begin`)
         self.head_only = False  # the request was HEAD: the response has no body, whatever it says
         self.response_started = False
         self.head_fed = 0  # bytes of reads fed wholly inside this exchange's response head
@@ -193,7 +196,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        kind = RESPONSE_KINDS[name]
+        kind = self.kinds[name]
         if not kind:
             # One join of a tuple allocates once; `name + b": " + value + b"\r\n"` three times.
             self.lines.append(b"".join((name, b": ", value, b"\r\n")))
@@ -250,9 +253,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- used by the exchange -----------------------------------------------------------------
 
-    def begin(self, sink: ResponseSink, head_only: bool) -> None:
+    def begin(
+        self, sink: ResponseSink, head_only: bool, kinds: HeaderKinds = RESPONSE_KINDS
+    ) -> None:
+        """Hand the connection to `sink` for one exchange; `kinds` sorts the response headers
+        (the data plane's, which knows the route table's version headers)."""
         self.state = ACTIVE
         self.sink = sink
+        self.kinds = kinds
         self.head_only = head_only
         self.head_fed = 0
         # As _reset_response, spelled out: this runs for every exchange.
