@@ -137,6 +137,35 @@ async def test_endless_upstream_response_head_is_502_not_buffered() -> None:
         await client.close()
 
 
+async def test_endless_upstream_response_trailer_cuts_the_response_not_buffered() -> None:
+    sent = 0
+
+    async def endless_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        writer.write(b"0\r\nX-Endless: ")
+        for _ in range(1024):  # 16 MiB of one trailer field if nobody stops it
+            writer.write(b"a" * 16 * KiB)
+            await writer.drain()
+            sent += 16 * KiB
+        await asyncio.sleep(30)
+
+    async with (
+        raw_upstream(endless_trailer) as endpoint,
+        running_proxy(only_blue(endpoint, "timeouts: {response: 30s}")) as proxy,
+    ):
+        client = await proxy.client()
+        await client.send(get())
+        async with asyncio.timeout(10):
+            response = await client.response()
+        assert response.status == 200
+        assert not response.complete  # cut: never a clean end without the trailer's end
+        assert sent < 4 * 1024 * KiB  # cut long before it all arrived
+        assert proxy.stats("shop", "blue").upstream_errors["protocol"] == 1
+        await client.close()
+
+
 async def test_101_without_upgrade_headers_is_502_not_a_cut_connection() -> None:
     async def bad_switch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request_head(reader)

@@ -67,6 +67,7 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "body_seen",
         "chunked",
         "connection",
         "content_length",
@@ -104,6 +105,7 @@ class UpstreamConnection(asyncio.Protocol):
         # Per exchange.
         self.sink: ResponseSink | None = None
         self.kinds = RESPONSE_KINDS  # how response headers are sorted (see `begin`)
+        self.body_seen = False  # a body byte arrived in the current read (chunked framing bound)
         self.head_only = False  # the request was HEAD: the response has no body, whatever it says
         self.response_started = False
         self.head_fed = 0  # bytes of reads fed wholly inside this exchange's response head
@@ -161,6 +163,18 @@ class UpstreamConnection(asyncio.Protocol):
                 if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
                     self._fail(Failure.UPSTREAM_PROTOCOL)
                     return
+            elif started and self.chunked and self.sink is sink:
+                # Reads of a chunked body that carry no body byte are chunk framing or trailer
+                # fields, which httptools holds until they end: in a row they are bounded like
+                # a head, so an endless trailer cannot grow without bound.
+                if self.body_seen:
+                    self.head_fed = 0
+                else:
+                    self.head_fed += len(data)
+                    if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
+                        self._fail(Failure.UPSTREAM_PROTOCOL)
+                        return
+                self.body_seen = False
             self.sink.upstream_flush()
 
     def eof_received(self) -> bool | None:
@@ -226,6 +240,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(Failure.UPSTREAM_PROTOCOL)
             return
         self.response_started = True
+        self.head_fed = 0  # from here on it counts a chunked body's framing (data_received)
+        self.body_seen = False
         sink.upstream_head(self)
         if self.head_only and self.sink is not None:
             # The parser cannot know the request was HEAD and would wait for the announced body;
@@ -235,6 +251,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
 
     def on_body(self, body: bytes) -> None:
+        self.body_seen = True
         if self.sink is not None and not self.head_only:
             self.sink.upstream_body(body)
 
