@@ -1051,3 +1051,48 @@ async def test_a_slow_but_steady_request_body_is_not_cut() -> None:
         await client.close()
     await blue.stop()
     await green.stop()
+
+
+async def test_an_upstream_that_stops_reading_the_body_is_let_go_at_the_idle_timeout() -> None:
+    upstream_gone = asyncio.Event()
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.5)  # reads nothing: the proxy's writes to it block
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1024 * 1024):  # then sees the proxy give up
+                pass
+        upstream_gone.set()
+
+    async with raw_upstream(never_reads) as blue:
+        green = await RecordingUpstream("green").start()
+        timeouts = "timeouts: {idle: 300ms}"
+        config = two_version_config(blue, green.endpoint, 100, 0, extra_top=timeouts)
+        async with running_proxy(config) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            size = 256 * 1024 * 1024  # far more than every buffer on the way can hold
+            writer.write(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+            sent = 0
+
+            async def upload() -> None:
+                nonlocal sent
+                chunk = b"x" * (1024 * 1024)
+                with contextlib.suppress(ConnectionError):
+                    while sent < size:
+                        writer.write(chunk)
+                        await writer.drain()  # blocks once the proxy stops reading us
+                        sent += len(chunk)
+
+            uploading = asyncio.create_task(upload())
+            async with asyncio.timeout(10):
+                # The client is let go: 408, or a reset if its unread upload was still arriving
+                # when the proxy closed (the kernel resets a socket closed with unread data).
+                with contextlib.suppress(ConnectionError):
+                    answer = await reader.read()
+                    assert answer == b"" or answer.startswith(b"HTTP/1.1 408 ")
+                await upstream_gone.wait()  # and the upstream connection is dropped
+                await uploading
+            writer.close()
+            assert sent < size  # the upload was stopped, not swallowed
+            assert proxy.stats("shop", "blue").in_flight == 0
+        await green.stop()
