@@ -280,15 +280,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.kinds = kinds
         self.head_only = head_only
         self.head_fed = 0
-        # As _reset_response, spelled out: this runs for every exchange.
-        self.response_started = False
-        self.status = 0
-        self.reason = b""
-        self.lines = []
-        self.connection = []
-        self.upgrade = None
-        self.content_length = False
-        self.chunked = False
+        self._reset_response()
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -317,21 +309,22 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        self.sink = None
-        if self.state is not CLOSED:
-            self.state = CLOSED
-            self.pool.forget(self)
-            if self.transport is not None:
-                self.transport.close()
+        self._shut(flush=True)
 
     def abort(self) -> None:
         """Close without flushing: the exchange was cancelled and nothing more must be sent."""
+        self._shut(flush=False)
+
+    def _shut(self, flush: bool) -> None:
         self.sink = None
         if self.state is not CLOSED:
             self.state = CLOSED
             self.pool.forget(self)
             if self.transport is not None:
-                self.transport.abort()
+                if flush:
+                    self.transport.close()
+                else:
+                    self.transport.abort()
 
     # -- internals ----------------------------------------------------------------------------
 
