@@ -167,18 +167,7 @@ async def test_sigterm_under_load_answers_every_in_flight_request(tmp_path: Path
             await writer.drain()
 
     async with raw_upstream(slow) as upstream:
-        config = tmp_path / "laneswitch.yaml"
-        config.write_text(
-            f"""
-listen: 127.0.0.1:0
-admin: {{listen: 127.0.0.1:0}}
-drain_timeout: 3s
-services:
-  shop:
-    versions:
-      v1: {{endpoints: ["{upstream}"], weight: 100}}
-"""
-        )
+        config = one_version_config(tmp_path, upstream, drain_timeout="3s")
         process, port = await start_run(config)
         try:
             clients = [await Client.connect(port) for _ in range(10)]
@@ -196,6 +185,23 @@ services:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+def one_version_config(tmp_path: Path, upstream: str, drain_timeout: str) -> Path:
+    """A config file with one service whose only version is `upstream`."""
+    config = tmp_path / "laneswitch.yaml"
+    config.write_text(
+        f"""
+listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0}}
+drain_timeout: {drain_timeout}
+services:
+  shop:
+    versions:
+      v1: {{endpoints: ["{upstream}"], weight: 100}}
+"""
+    )
+    return config
 
 
 async def start_run(config: Path) -> tuple[asyncio.subprocess.Process, int]:
@@ -255,18 +261,7 @@ async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
         await asyncio.sleep(60)
 
     async with raw_upstream(never_answers) as upstream:
-        config = tmp_path / "laneswitch.yaml"
-        config.write_text(
-            f"""
-listen: 127.0.0.1:0
-admin: {{listen: 127.0.0.1:0}}
-drain_timeout: 30s
-services:
-  shop:
-    versions:
-      v1: {{endpoints: ["{upstream}"], weight: 100}}
-"""
-        )
+        config = one_version_config(tmp_path, upstream, drain_timeout="30s")
         process, port = await start_run(config)
         try:
             client = await Client.connect(port)
