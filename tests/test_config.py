@@ -1017,6 +1017,7 @@ def test_schema_shape() -> None:
         "limits",
         "trusted_hops",
         "workers",
+        "fleet",
         "services",
     }
     for ref in _refs(schema):

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import ValidationError
@@ -398,6 +399,14 @@ def _service_summary(name: str, service: ServiceConfig) -> list[str]:
     return lines
 
 
+def _redis_location(url: str) -> str:
+    """The store's scheme, host, port and db, never its password."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
 def summarize(config: Config) -> str:
     """Human summary for `laneswitch check`: listeners, admin, then each service.
 
@@ -413,6 +422,13 @@ def summarize(config: Config) -> str:
         f"drain timeout: {format_duration(config.drain_timeout)}; "
         f"state file: {config.state_file or 'none'}",
     ]
+    fleet = config.fleet
+    if fleet is not None:
+        lines.append(
+            f"fleet: {fleet.name} at {_redis_location(fleet.redis)}, member "
+            f"{fleet.member or 'hostname:pid'}, lease {format_duration(fleet.lease)}, "
+            f"ack timeout {format_duration(fleet.ack_timeout)}"
+        )
     for name, service in config.services.items():
         lines += _service_summary(name, service)
     return "\n".join(lines)

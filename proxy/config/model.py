@@ -715,6 +715,53 @@ def _resolution_problems(rollout: CanaryRollout, total: int) -> list[tuple[Loc, 
     ]
 
 
+# Redis URL schemes the fleet store accepts (redis-py's `from_url`): plain TCP or TLS.
+_REDIS_SCHEMES = frozenset({"redis", "rediss"})
+
+
+def _check_redis_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in _REDIS_SCHEMES or not parts.hostname:
+        raise ValueError("must be a redis://[:password@]host:port/db or rediss:// URL")
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        raise ValueError("the port must be a number") from None
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError("the database (the URL's path) must be a number")
+    return url
+
+
+RedisUrl = Annotated[str, AfterValidator(_check_redis_url)]
+
+
+class FleetConfig(_Model):
+    """Several replicas sharing one runtime state in Redis, with one leader deciding."""
+
+    redis: RedisUrl
+    """The store: redis://[:password@]host:port/db or rediss:// (TLS)."""
+    name: Name
+    """Replicas with the same store and name form one fleet."""
+    member: OptionalStr = None
+    """This replica's id in the fleet; empty = hostname:pid."""
+    lease: Duration = Field(default=5.0, ge=0.5)
+    """Leadership lease; a dead leader is replaced within it."""
+    ack_timeout: Duration = Field(default=2.0, gt=0)
+    """How long a change waits for every live member to apply it."""
+
+    @field_validator("member")
+    @classmethod
+    def _member_name(cls, member: str | None) -> str | None:
+        if member is not None and not _MEMBER_RE.fullmatch(member):
+            raise ValueError("letters, digits and . _ - : only, at most 128")
+        return member
+
+
+# Member ids appear in events, metrics and the store's key names.
+_MEMBER_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
 # --------------------------------------------------------------------------------------------
 # The whole file
 # --------------------------------------------------------------------------------------------
@@ -739,6 +786,8 @@ class Config(_Model):
     """Keep the last N client-sent X-Forwarded-For entries, then append the peer."""
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     """Worker processes; "auto" = one per CPU."""
+    fleet: FleetConfig | None = None
+    """Fleet mode: share the runtime state with other replicas (absent: this replica alone)."""
     services: dict[Name, ServiceConfig] = Field(min_length=1)
     """Services in file order."""
 
