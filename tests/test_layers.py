@@ -34,7 +34,11 @@ LAYERS: dict[str, int] = {
     "proxy.admin.": 4,
     "proxy.admin": 4,
     "proxy.control": 4,
-    "proxy.workers": 4,  # the parent's side of worker processes (imported by admin)
+    "proxy.workers": 4,
+    # Fleet mode: counts and lease are pure, store is the one Redis client, coordinator wires
+    # a control plane to it; the control plane sees only proxy.fleet.backend.
+    "proxy.fleet.": 4,
+    "proxy.fleet": 4,  # the parent's side of worker processes (imported by admin)
     "proxy.worker_main": 5,  # a worker process's entry point
     "proxy.client": 5,
     "proxy.server": 5,
