@@ -1,20 +1,26 @@
 """Test doubles on real loopback sockets: a recording upstream, scripted raw upstreams, a raw
-client that reads exactly one HTTP response, and a proxy started in-process on port 0."""
+client that reads exactly one HTTP response, and a proxy started in-process on port 0; and for
+protocol units, a fake transport that a client connection's bytes are fed through."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import shutil
+import socket
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httptools
 
 from proxy.config.loader import parse_config
+from proxy.http.plane import DataPlane
+from proxy.http.protocol import DownstreamProtocol
+from proxy.routing.build import build_table
 from proxy.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -423,3 +429,101 @@ async def redis_server() -> AsyncIterator[RedisServer]:
         yield server
     finally:
         await server.stop()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Wait (bounded) for a condition on state the proxy updates from its own callbacks."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+@contextlib.contextmanager
+def refused_endpoint() -> Iterator[str]:
+    """A port that is bound (so nobody else takes it) but not listening: connects are refused."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+# -- protocol units: a client connection fed raw bytes --------------------------------------------
+
+
+class FakeTransport:
+    """Stands in for a client's socket: records what the proxy writes and does to it."""
+
+    def __init__(self, peer: tuple[str, int] = ("192.0.2.7", 40000)) -> None:
+        self.peer = peer
+        self.written = bytearray()
+        self.reading = True
+        self.eof_written = False
+        self.closed = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.is_closing() or not data, "write after close"
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name == "peername" else default
+
+    def responses(self) -> list[Response]:
+        """Every complete response written so far, in order."""
+        stream = _ResponseStream()
+        stream.parser.feed_data(bytes(self.written))
+        return list(stream.ready)
+
+
+@dataclass
+class FedConnection:
+    """One client connection of a real data plane, its socket a `FakeTransport`."""
+
+    plane: DataPlane
+    protocol: DownstreamProtocol
+    transport: FakeTransport
+
+    def feed(self, data: bytes) -> None:
+        self.protocol.data_received(data)
+
+
+def fed_connection(config_text: str) -> FedConnection:
+    """A data plane for `config_text` (on the running loop) and one client connection of it."""
+    table = build_table(parse_config(config_text, env={}))
+    plane = DataPlane(asyncio.get_running_loop(), table)
+    protocol = plane.protocol()
+    transport = FakeTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    return FedConnection(plane, protocol, transport)

@@ -11,7 +11,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -24,7 +24,9 @@ from tests.helpers import (
     raw_upstream,
     read_request_head,
     read_response,
+    refused_endpoint,
     running_proxy,
+    until,
 )
 
 # -- fixtures and helpers --------------------------------------------------------------------------
@@ -48,13 +50,8 @@ services:
 
 @pytest.fixture
 def refusing_endpoint() -> Iterator[str]:
-    """A port that is bound (so nobody else takes it) but not listening: connects are refused."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        sock.close()
+    with refused_endpoint() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
@@ -85,13 +82,6 @@ def unanswered_endpoint() -> Iterator[str]:
         for sock in held:
             sock.close()
         listener.close()
-
-
-async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Wait (bounded) for a condition on state the proxy updates from its own callbacks."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 def reset_on_close(writer: asyncio.StreamWriter) -> None:

@@ -531,6 +531,16 @@ class Exchange:
             # request would never be read.
             self.proto.gate_resume(PEER_WRITE_BLOCKED)
 
+    def _drop_body_buffer(self) -> None:
+        """Forget the body bytes held for an upstream that will never get them. Their bound may
+        have paused the client's reads, and nothing else resumes them: left paused, a kept-alive
+        client's next request would never be read."""
+        self.body_buffer = []
+        self.body_buffered = 0
+        parsing = self.proto.parsing
+        if parsing is None or parsing is self or parsing.body_buffered <= MAX_BUFFERED_BODY:
+            self.proto.gate_resume(BODY_BUFFER_FULL)
+
     def settle(self, status: int | None) -> float:
         """Record the outcome once: the status sent, or None when no answer was completed.
         Returns the time it was recorded (monotonic), for the caller's next deadline.
@@ -539,6 +549,8 @@ class Exchange:
         """
         self.done = True
         self.response_deadline = NEVER
+        if self.body_buffered:
+            self._drop_body_buffer()
         now = time.monotonic()
         stats = self.stats
         if stats is not None:
