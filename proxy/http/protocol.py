@@ -273,6 +273,11 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.head_bytes + len(ex.url) > self.settings.max_header_bytes:
             self._reject(Failure.HEADERS_TOO_LARGE)
             raise _StopParsing
+        if ex.method:
+            # A trailer field of a chunked body (its head is complete): counted against the
+            # head's limit above, and dropped. Merged into the head it could smuggle a second
+            # Host or a force header into a request still queued behind another.
+            return
         kind = self.plane.header_kinds[name]
         if not kind:
             ex.lines.append(b"".join((name, b": ", value, b"\r\n")))  # one allocation, not three
