@@ -202,6 +202,8 @@ class Exchange:
         url = self.url
         query = url.find(b"?")
         path = url if query == -1 else url[:query]
+        if path[0] != 0x2F:
+            path = b"/"  # OPTIONS *: the whole host's service
         route = table.match(hostname, path)
         if route is None:
             proto.answer(self, Failure.NO_SERVICE)

@@ -363,12 +363,34 @@ class DownstreamProtocol(asyncio.Protocol):
         hosts = ex.hosts
         if hosts > 1 or (hosts == 0 and not ex.http_10):
             return Failure.BAD_REQUEST
+        host = ex.host
+        # A keep-alive client sends the same Host every time, and the last one routed on this
+        # connection was valid: only a new value is checked.
+        if host is not None and host != self.host_raw and not wire.valid_authority(host):
+            return Failure.BAD_REQUEST
+        if ex.url[0] != 0x2F and not self._other_target_form(ex):  # not "/...": origin form
+            return Failure.BAD_REQUEST
         if ex.chunked_in and ex.http_10:
             return Failure.BAD_REQUEST  # chunked framing does not exist in HTTP/1.0
         limit = self.settings.max_body_bytes
         if limit and ex.content_length > limit:
             return Failure.BODY_TOO_LARGE
         return None
+
+    def _other_target_form(self, ex: Exchange) -> bool:
+        """Accept `OPTIONS *` as it is, and an absolute-form target (RFC 9112 §3.2.2) as its
+        path, with its authority as the Host (routed and forwarded; the Host header, checked
+        all the same, is ignored). False: the target is not a valid request target."""
+        url = ex.url
+        if url == b"*":
+            return ex.method == b"OPTIONS"
+        split = wire.split_absolute_target(url)
+        if split is None or not wire.valid_authority(split[0]):
+            return False
+        authority, ex.url = split
+        ex.host = authority
+        ex.host_line = b"Host: " + authority + b"\r\n"
+        return True
 
     # -- answering --------------------------------------------------------------------------------
 

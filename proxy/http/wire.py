@@ -6,6 +6,7 @@ lower-cased.
 
 from __future__ import annotations
 
+import ipaddress
 from http import HTTPStatus
 
 CRLF = b"\r\n"
@@ -184,6 +185,75 @@ def local_answer(
     if not head_only:
         parts.append(body)
     return b"".join(parts)
+
+
+# RFC 3986 reg-name: unreserved, sub-delims and the "%" of pct-encoded (checked apart).
+_REG_NAME_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%"
+_DIGITS = b"0123456789"
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+_MAX_PORT = 65535
+
+
+def valid_authority(value: bytes) -> bool:
+    """`value` is `host[:port]` (RFC 9110 §7.2, RFC 3986 §3.2.2): a reg-name, an IPv4 address or
+    a bracketed IPv6 literal, then at most a port of 1-5 digits. Nothing else: no userinfo, path,
+    whitespace or zone id. The empty value is valid (a target without authority)."""
+    if not value:
+        return True
+    if value[0] == 0x5B:  # "[": an IP literal
+        end = value.find(b"]")
+        literal = value[1:end]
+        if end == -1 or not literal or literal.translate(None, _HEX_DIGITS + b":."):
+            return False
+        try:
+            ipaddress.IPv6Address(literal.decode("ascii"))
+        except ValueError:
+            return False
+        port = value[end + 1 :]
+        if not port:
+            return True
+        if port[0] != 0x3A:  # ":"
+            return False
+        port = port[1:]
+    else:
+        host, colon, port = value.partition(b":")
+        if not host or host.translate(None, _REG_NAME_CHARS):
+            return False
+        if b"%" in host and not _pct_encoded(host):
+            return False
+        if not colon:
+            return True
+    return 0 < len(port) <= 5 and not port.translate(None, _DIGITS) and int(port) <= _MAX_PORT
+
+
+def _pct_encoded(host: bytes) -> bool:
+    """Every "%" in `host` starts a pct-encoded octet (two hex digits)."""
+    parts = host.split(b"%")
+    return all(len(part) >= 2 and not part[:2].translate(None, _HEX_DIGITS) for part in parts[1:])
+
+
+def split_absolute_target(target: bytes) -> tuple[bytes, bytes] | None:
+    """An absolute-form request target (RFC 9112 §3.2.2, `http://host/path?q`) as (authority,
+    origin-form target), or None when it is not an http(s) URI with an authority. The authority
+    is not checked here (see `valid_authority`)."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in _TARGET_SCHEMES:
+        return None
+    end = len(rest)
+    for delimiter in b"/?#":
+        found = rest.find(delimiter)
+        if found != -1 and found < end:
+            end = found
+    authority = rest[:end]
+    if not authority:
+        return None  # an http URI has a host (RFC 9110 §4.2.1)
+    path = rest[end:]
+    if not path.startswith(b"/"):
+        path = b"/" + path  # an empty path is "/" in origin form (RFC 9112 §3.2.1)
+    return authority, path
+
+
+_TARGET_SCHEMES = frozenset({b"http", b"https"})
 
 
 def split_host_port(host: bytes) -> bytes:
