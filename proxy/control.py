@@ -378,7 +378,9 @@ class ControlPlane:
                     listener(config)
                 self.install()
                 await self.applied()
-                self.events.record(actor, "reload", None, to=digest, reason="config applied")
+                self.events.record(
+                    actor, "reload", None, to=digest, reason=_reload_reason(old, config)
+                )
             else:
                 self.events.record(actor, "reload", None, to=digest, reason="file unchanged")
             await self.save()
@@ -518,6 +520,22 @@ def window_summary(window: StatsSnapshot | None, seconds: float) -> dict[str, An
         "upstream_errors": window.upstream_errors,
         "client_aborts": window.client_aborts,
     }
+
+
+def _reload_reason(old: Config, new: Config) -> str:
+    """The reload event's reason: what an operator must know beyond "applied" (never the
+    token itself)."""
+    notes = ["config applied"]
+    if old.admin.token != new.admin.token:
+        if new.admin.token is None:
+            notes.append("admin token removed: the admin API takes calls without a token")
+        elif old.admin.token is None:
+            notes.append("admin token set: calls without it are refused from now on")
+        else:
+            notes.append("admin token changed: the old token is refused from now on")
+    if old.admin.listen != new.admin.listen:
+        notes.append(f"admin.listen {new.admin.listen} takes effect at the next start")
+    return "; ".join(notes)
 
 
 def _still_exists(config: Config, key: EndpointKey) -> bool:

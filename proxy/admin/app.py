@@ -7,7 +7,6 @@ Every error answer is JSON `{"error": "..."}`.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,12 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from proxy.admin.access import (
+    AccessPolicy,
+    auth_middleware,
+    browser_safety_middleware,
+    error,
+)
 from proxy.admin.metrics import metrics_registry, render
 from proxy.control import ControlError, ControlPlane
 from proxy.workers import WorkerPool
@@ -27,15 +32,13 @@ log = logging.getLogger("laneswitch.admin")
 # Admin bodies are a few hundred bytes; this bounds what a client can make the proxy buffer.
 MAX_BODY_BYTES = 64 * 1024
 
-# Calls a load balancer or orchestrator makes without credentials.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
-
 # Reads that must include what the worker processes counted up to now.
 COUNTER_READS = frozenset({"/metrics", "/status"})
 
 ACTOR = "admin"
 
 CONTROL: web.AppKey[ControlPlane] = web.AppKey("control", ControlPlane)
+ACCESS: web.AppKey[AccessPolicy] = web.AppKey("access", AccessPolicy)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
@@ -57,10 +60,6 @@ class SwitchBody(_Body):
 
 class WeightsBody(_Body):
     weights: dict[str, int]
-
-
-def error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
 
 
 class BadBody(Exception):
@@ -93,29 +92,6 @@ def _describe(err: Any) -> str:
 
 
 # -- middleware -----------------------------------------------------------------------------------
-
-
-def auth_middleware(token: str | None, metrics_public: bool) -> Middleware:
-    """Bearer-token check for every call but the public ones; a refusal changes nothing."""
-    public = PUBLIC_PATHS | ({"/metrics"} if metrics_public else set())
-    expected = f"Bearer {token}".encode() if token else None
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is None or request.path in public:
-            return await handler(request)
-        provided = request.headers.get("Authorization", "")
-        scheme, _, credentials = provided.partition(" ")
-        # The scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time.
-        candidate = f"Bearer {credentials.strip()}".encode() if scheme.lower() == "bearer" else b""
-        if not hmac.compare_digest(candidate, expected):
-            reason = "missing bearer token" if not provided else "invalid bearer token"
-            response = error(401, reason)
-            response.headers["WWW-Authenticate"] = 'Bearer realm="laneswitch"'
-            return response
-        return await handler(request)
-
-    return check
 
 
 @web.middleware
@@ -229,12 +205,22 @@ def create_admin_app(
     workers: WorkerPool | None = None,
 ) -> web.Application:
     """The admin API of `control`; `token` None or "" means no authentication. With `workers`
-    (N > 1), counters are collected from the worker processes before they are read."""
-    middlewares = [error_middleware, auth_middleware(token, metrics_public)]
+    (N > 1), counters are collected from the worker processes before they are read.
+
+    The browser-safety checks come before everything else (every route, present and future,
+    gets them); a reload's new `admin.token` and `metrics_public` apply at once."""
+    policy = AccessPolicy(token, metrics_public)
+    control.config_listeners.append(lambda config: policy.configure(config.admin))
+    middlewares = [
+        error_middleware,
+        browser_safety_middleware(policy),
+        auth_middleware(policy),
+    ]
     if workers is not None:
         middlewares.append(refresh_middleware(workers))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CONTROL] = control
+    app[ACCESS] = policy
     registry = metrics_registry(control, workers)
 
     async def metrics(request: web.Request) -> web.Response:
