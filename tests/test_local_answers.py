@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
 
 from proxy.config.loader import parse_config
+from proxy.http import protocol
 from proxy.routing.build import build_table
 from tests.helpers import (
     Client,
@@ -22,9 +24,11 @@ from tests.helpers import (
     ok_response,
     raw_upstream,
     read_request_head,
+    read_response,
     refused_endpoint,
     running_proxy,
     two_version_config,
+    until,
 )
 
 ONLY_APP = "    match: {host: app.test}"  # the service's match: other hosts get 404
@@ -138,3 +142,159 @@ async def test_unit_502_after_the_whole_body_resumes_reading() -> None:
         conn.feed(get("/next", host="nowhere.test"))
         assert [r.status for r in conn.transport.responses()] == [502, 404]
         assert not conn.transport.is_closing()
+
+
+# -- finding: no lingering close -------------------------------------------------------------------
+
+
+class Uploader:
+    """A raw client socket that uploads a request body and reads the proxy's answer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.received = bytearray()
+
+    @classmethod
+    async def connect(cls, port: int) -> Uploader:
+        sock = socket.socket()
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        return cls(sock)
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def answer(self, timeout: float = 5.0) -> Response:
+        """Read until one whole response has arrived (the connection stays as it is)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                head, sep, body = bytes(self.received).partition(b"\r\n\r\n")
+                if sep:
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    if len(body) >= length:
+                        return await parse_response(bytes(self.received))
+                data = await self.loop.sock_recv(self.sock, 65536)
+                assert data, "the connection ended before the whole answer"
+                self.received += data
+
+    async def end(self, timeout: float = 5.0) -> bytes:
+        """Stop sending, then read until the proxy ends the connection: b"" for a clean end
+        (the bytes after the answer otherwise); a reset raises ConnectionResetError."""
+        self.sock.shutdown(socket.SHUT_WR)
+        rest = bytearray()
+        async with asyncio.timeout(timeout):
+            while data := await self.loop.sock_recv(self.sock, 65536):
+                rest += data
+        return bytes(rest)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def parse_response(data: bytes) -> Response:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return await read_response(reader, timeout=1.0)
+
+
+PIECE = b"x" * 16384
+LIMIT = "limits: {max_body_bytes: 1000}"
+
+
+def lingering_cases() -> list[tuple[str, bytes, int]]:
+    return [
+        (LIMIT, b"POST /up HTTP/1.1\r\nHost: app.test\r\nContent-Length: 10000000\r\n\r\n", 413),
+        (LIMIT, b"POST /up HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n", 413),
+        ("", b"POST /up HTTP/1.1\r\nHost: app.test\r\nContent-Length: 10000000\r\n\r\n", 502),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("top", "head", "status"),
+    lingering_cases(),
+    ids=["413-declared", "413-streamed-chunked", "502-refused"],
+)
+async def test_a_client_still_uploading_reads_the_whole_answer_and_a_clean_end(
+    top: str, head: bytes, status: int
+) -> None:
+    chunked = b"chunked" in head
+    piece = b"%x\r\n%s\r\n" % (len(PIECE), PIECE) if chunked else PIECE
+    with refused_endpoint() as blue:
+        config = two_version_config(blue, blue, 100, 0, extra_top=top)
+        async with running_proxy(config) as proxy:
+            client = await Uploader.connect(proxy.port)
+            await client.send(head + piece * 4)
+            answer = await client.answer()
+            assert answer.status == status
+            assert answer.header("Connection") == b"close"
+            # The upload goes on after the answer: the proxy reads and discards it rather than
+            # resetting the connection under the client's writes.
+            for _ in range(16):
+                await client.send(piece)
+            assert await client.end() == b""  # a FIN after the answer, not a reset
+            client.close()
+            await until(lambda: not proxy.server.plane.connections)
+
+
+async def test_lingering_stops_at_its_byte_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(protocol, "LINGER_SECONDS", 60.0)  # only the byte bound can end it
+    blue = await RecordingUpstream("blue").start()
+    config = two_version_config(blue.endpoint, blue.endpoint, 100, 0, extra_top=LIMIT)
+    async with running_proxy(config) as proxy:
+        client = await Uploader.connect(proxy.port)
+        await client.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\n")
+        assert (await client.answer()).status == 413
+        sent = 0
+        with pytest.raises(ConnectionError):  # an endless upload is cut in the end
+            async with asyncio.timeout(10):
+                while True:
+                    await client.send(PIECE * 4)
+                    sent += len(PIECE) * 4
+        assert sent >= protocol.LINGER_MAX_BYTES
+        client.close()
+        await until(lambda: not proxy.server.plane.connections)
+    assert blue.requests == []
+    await blue.stop()
+
+
+async def test_lingering_stops_at_its_time_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(protocol, "LINGER_SECONDS", 0.3)
+    blue = await RecordingUpstream("blue").start()
+    config = two_version_config(blue.endpoint, blue.endpoint, 100, 0, extra_top=LIMIT)
+    async with running_proxy(config) as proxy:
+        client = await Uploader.connect(proxy.port)
+        await client.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n")
+        assert (await client.answer()).status == 413
+        # The client neither sends nor closes: the proxy lets go at the time bound.
+        await until(lambda: not proxy.server.plane.connections, timeout=3.0)
+        client.close()
+    await blue.stop()
+
+
+async def test_unit_lingering_close_discards_up_to_its_bound() -> None:
+    conn = fed_connection(two_version_config("127.0.0.1:1", "127.0.0.1:1", 100, 0, LIMIT))
+    conn.feed(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5000000\r\n\r\n" + PIECE)
+    [answer] = conn.transport.responses()
+    assert answer.status == 413
+    written = len(conn.transport.written)
+    assert conn.transport.eof_written  # the answer, then a FIN
+    assert conn.transport.reading and not conn.transport.is_closing()
+    fed = 0  # what arrives after the answer
+    while fed + len(PIECE) < protocol.LINGER_MAX_BYTES:
+        conn.feed(PIECE)
+        fed += len(PIECE)
+    assert not conn.transport.is_closing()  # still discarding
+    conn.feed(PIECE)
+    assert conn.transport.closed  # the bound: closed now
+    assert len(conn.transport.written) == written  # nothing else was answered
+    conn.protocol.connection_lost(None)
+    assert conn.protocol.linger_timer is None
+
+
+async def test_unit_lingering_ends_when_the_client_stops_sending() -> None:
+    conn = fed_connection(two_version_config("127.0.0.1:1", "127.0.0.1:1", 100, 0, LIMIT))
+    conn.feed(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5000000\r\n\r\n" + PIECE)
+    assert conn.transport.eof_written and not conn.transport.is_closing()
+    assert conn.protocol.eof_received() is None  # None: the transport closes itself

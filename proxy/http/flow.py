@@ -43,3 +43,10 @@ class ReadGate:
             self.reasons &= ~reason
             if not self.reasons and not self.transport.is_closing():
                 self.transport.resume_reading()
+
+    def clear(self) -> None:
+        """Resume reading, whatever paused it: from now on the connection only discards."""
+        if self.reasons:
+            self.reasons = 0
+            if not self.transport.is_closing():
+                self.transport.resume_reading()

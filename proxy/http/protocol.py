@@ -47,6 +47,14 @@ REQUEST_LINE_OVERHEAD = 10
 # At least as long as any method llhttp parses (the longest, GET_PARAMETER, has 13 bytes).
 LONGEST_METHOD = 16
 
+# A connection closed after a local answer while the request body may still be arriving lingers:
+# the answer is followed by a FIN, and the client's bytes are read and discarded for up to this
+# long and this many bytes before the socket closes. Closed with unread bytes, the kernel sends a
+# reset, which fails the client's upload and can destroy the answer before the client reads it
+# (nginx's lingering_close). The bounds keep a client that never stops sending from holding it.
+LINGER_SECONDS = 2.0
+LINGER_MAX_BYTES = 1024 * 1024
+
 # What the connection's one deadline is for.
 _HEADER = 1
 _IDLE = 2
@@ -73,6 +81,8 @@ class DownstreamProtocol(asyncio.Protocol):
         "head_fed",
         "host_name",
         "host_raw",
+        "linger_left",
+        "linger_timer",
         "parser",
         "parsing",
         "peer",
@@ -110,6 +120,9 @@ class DownstreamProtocol(asyncio.Protocol):
         # The last Host value routed on this connection and its host part, lower-cased.
         self.host_raw = b""
         self.host_name = b""
+        # Lingering close (see LINGER_SECONDS): what may still be discarded, and the timer.
+        self.linger_left = 0
+        self.linger_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -139,6 +152,10 @@ class DownstreamProtocol(asyncio.Protocol):
             self._hold_early(data)
             return
         if self.closing:
+            if self.linger_timer is not None:
+                self.linger_left -= len(data)
+                if self.linger_left <= 0:
+                    self._end_linger()
             return
         ex = self.parsing
         in_head = ex is not None and not ex.method
@@ -193,6 +210,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self._reject(Failure.HEADERS_TOO_LARGE)
 
     def eof_received(self) -> bool | None:
+        if self.linger_timer is not None:
+            return None  # the client has stopped sending: the lingering is over
         active = self.active
         if active is None and self.parsing is None:
             return None
@@ -208,6 +227,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.closing = True
         self.plane.connections.discard(self)
         self._disarm()
+        if self.linger_timer is not None:
+            self.linger_timer.cancel()
+            self.linger_timer = None
         tunnel = self.tunnel
         if tunnel is not None:
             self.tunnel = None
@@ -451,7 +473,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.active = None
         if ex.close_after:
             # Whatever was parsed behind it never runs (it may be a body's bytes, not a request).
-            self.close()
+            # A request not read to its end may still be arriving: linger.
+            self.close(linger=not ex.request_complete)
         else:
             self._next(now)
         if self.plane.draining:
@@ -496,12 +519,37 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing() and self.linger_timer is None:
             transport.write(data)
 
-    def close(self) -> None:
+    def close(self, linger: bool = False) -> None:
+        """Close after what was written; with `linger`, send a FIN after it and discard what
+        the client still sends, within LINGER_SECONDS and LINGER_MAX_BYTES, before closing."""
         self.closing = True
         self._disarm()
+        transport = self.transport
+        if transport is None:
+            return
+        if (
+            linger
+            and self.linger_timer is None
+            and not transport.is_closing()
+            and transport.can_write_eof()
+        ):
+            transport.write_eof()
+            self.early_bytes = None  # bytes after a refused Upgrade are discarded too
+            self.linger_left = LINGER_MAX_BYTES
+            self.linger_timer = self.plane.loop.call_later(LINGER_SECONDS, self._end_linger)
+            if self.gate is not None:
+                self.gate.clear()
+            return
+        transport.close()
+
+    def _end_linger(self) -> None:
+        timer = self.linger_timer
+        if timer is not None:
+            timer.cancel()  # when ended by the byte bound, not by itself
+            self.linger_timer = None
         if self.transport is not None:
             self.transport.close()
 
