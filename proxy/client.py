@@ -227,7 +227,43 @@ def render_status(status: dict[str, Any], admin: str) -> str:
         lines.extend(notes.get(index, []))
     if not rows:
         lines.append("(no services)")
+    fleet = status.get("fleet")
+    if isinstance(fleet, dict):
+        lines.extend(render_fleet(fleet))
     return "\n".join(lines)
+
+
+def render_fleet(fleet: dict[str, Any]) -> list[str]:
+    """The members table of a fleet: who leads, what each applied, when it was last seen."""
+    store = "up" if fleet.get("store_up") else "DOWN (no steps; changes 503 except rollback)"
+    lines = [
+        "",
+        f"fleet {fleet.get('name', '?')}: leader {fleet.get('leader') or '-'}; store {store}; "
+        f"generation {fleet.get('generation', '?')}; this member {fleet.get('member', '?')}",
+    ]
+    behind = fleet.get("config_behind") or {}
+    for service, why in behind.items():
+        lines.append(f"  config_behind {service}: {why}")
+    header = ["MEMBER", "LEADER", "CONFIG", "APPLIED", "LAST SEEN", "STORE", "ADMIN"]
+    rows = []
+    for member in fleet.get("members") or []:
+        seen = member.get("last_seen")
+        rows.append(
+            [
+                str(member.get("id", "?")),
+                "*" if member.get("leader") else "",
+                str(member.get("config_hash") or "?")[:12],
+                str(member.get("applied", "?")),
+                (f"{seen:.1f}s ago" if isinstance(seen, int | float) else "?")
+                + ("" if member.get("live") else " (gone)"),
+                "up" if member.get("store_up") else "down",
+                str(member.get("admin") or "-"),
+            ]
+        )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return lines
 
 
 def _rate(value: Any) -> str:
@@ -324,6 +360,25 @@ def _change(args: argparse.Namespace, verb: str, method: str, action: str, body:
     except AdminError as exc:
         return _fail(exc, sys.stderr)
     print(describe_change(verb, result))
+    return _acknowledged(result)
+
+
+def _acknowledged(result: Any) -> int:
+    """In a fleet: 1, naming them, when live members had not applied the change within the
+    fleet's ack_timeout (the change is in the store; they apply it when they can)."""
+    members = result.get("members") if isinstance(result, dict) else None
+    if not isinstance(members, dict):
+        return 0
+    pending = members.get("pending") or []
+    acknowledged = members.get("acknowledged") or []
+    if pending:
+        print(
+            f"laneswitch: not yet applied by {len(pending)} member(s): {', '.join(pending)} "
+            f"(applied by {', '.join(acknowledged) or 'none'})",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"applied by every live member: {', '.join(acknowledged)}")
     return 0
 
 
@@ -355,7 +410,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     print(f"{args.service}: rollout {args.action}: phase {status.get('phase', '?')}")
     for line in render_rollout(status):
         print(line)
-    return 0
+    return _acknowledged(status)
 
 
 def version_weight(text: str) -> tuple[str, int]:

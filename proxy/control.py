@@ -21,6 +21,7 @@ from typing import Any
 from proxy.config.loader import ConfigError, config_digest, parse_config
 from proxy.config.model import Config, ServiceConfig
 from proxy.events import Event, EventLog
+from proxy.fleet.backend import STORE_UNAVAILABLE, StateBackend
 from proxy.http.plane import DataPlane
 from proxy.metrics import MetricsWindow, StatsRegistry, StatsSnapshot, quantile, success_rate
 from proxy.rollout.controller import TransitionRefused
@@ -88,6 +89,10 @@ class ControlPlane:
         self.generation = plane.table.generation
         self.rollout_state: dict[str, dict[str, Any]] = {}
         self.window = MetricsWindow(stats)
+        # Where the runtime state is shared: this process alone, or a fleet's store (SPEC §9).
+        self.backend = StateBackend()
+        # Services whose fleet state this member's config cannot apply, with why (config skew).
+        self.config_behind: dict[str, str] = {}
         # Called with each new table as it is installed (e.g. to push it to worker processes),
         # and with each new config (health checks).
         self.table_listeners: list[Callable[[RouteTable], None]] = []
@@ -140,7 +145,7 @@ class ControlPlane:
     @property
     def ready(self) -> bool:
         """/readyz: listeners bound, config loaded, first health round done, not draining."""
-        return self.listening and self.health_ready and not self.draining
+        return self.listening and self.health_ready and not self.draining and self.backend.ready
 
     def share(self, service: str, version: str) -> float:
         """The version's share of its service's traffic, in percent."""
@@ -176,7 +181,7 @@ class ControlPlane:
                 "rollout": self.rollout_status(name),
                 "last_decision": last.to_json() if last is not None else None,
             }
-        return {
+        result: dict[str, Any] = {
             "ready": self.ready,
             "draining": self.draining,
             "generation": self.generation,
@@ -188,6 +193,13 @@ class ControlPlane:
             },
             "services": services,
         }
+        fleet = self.backend.status()
+        if fleet is not None:
+            result["fleet"] = fleet
+            for name, why in self.config_behind.items():
+                if name in services:
+                    services[name]["config_behind"] = why
+        return result
 
     def rollout_status(self, service: str) -> dict[str, Any] | None:
         """The rollout's phase, step, failed checks and last analysis; None without a rollout
@@ -210,6 +222,7 @@ class ControlPlane:
         404 unknown service or version; 409 when `to` has no healthy endpoint (unless `force`).
         Returns {"service", "from": weights before, "to": weights after, "dry_run"}.
         """
+        self.check_writable()
         config = self._service(service)
         if to not in config.versions:
             raise ControlError(404, f"service {service!r} has no version {to!r}")
@@ -230,6 +243,7 @@ class ControlPlane:
         400 when they break the config file's weight rules (unknown version: 404); returns as
         `switch`.
         """
+        self.check_writable()
         config = self._service(service)
         unknown = sorted(set(weights) - set(config.versions))
         if unknown:
@@ -456,10 +470,80 @@ class ControlPlane:
         for ack in self.table_acks:
             await ack(self.generation)
 
+    # -- the fleet --------------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """503 for a change other than a rollback while the fleet's store cannot be reached."""
+        if not self.backend.writable:
+            raise ControlError(503, STORE_UNAVAILABLE)
+
+    def fleet_state(self) -> dict[str, Any]:
+        """The shared part of the runtime state (SPEC §9): weights, undo points, rollout runs."""
+        return {
+            "weights": self.weights,
+            "previous_weights": self.previous_weights,
+            "rollouts": self.rollout_state,
+        }
+
+    async def apply_fleet(self, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Adopt the fleet's state, written by any member. A service this member's config
+        cannot take it for (unknown service, versions or total) keeps its table and is
+        `config_behind`. Returns the rollout states as they were before."""
+        async with self._lock:
+            services = self.config.services
+            behind: dict[str, str] = {}
+            weights = {name: dict(w) for name, w in self.weights.items()}
+            for name, raw in _mapping(state.get("weights")).items():
+                service = services.get(name)
+                if service is None:
+                    continue  # a service only other members' configs have
+                fleet_weights = _weights_of(raw)
+                problem = (
+                    validate_weights(service, fleet_weights)
+                    if fleet_weights is not None
+                    else "not a weights object"
+                )
+                if problem is not None:
+                    behind[name] = f"the fleet's weights do not fit this config: {problem}"
+                    continue
+                assert fleet_weights is not None
+                weights[name] = fleet_weights
+            previous: dict[str, Weights] = {}
+            for name, raw in _mapping(state.get("previous_weights")).items():
+                undo = _weights_of(raw)
+                if (
+                    name in services
+                    and undo is not None
+                    and validate_weights(services[name], undo) is None
+                ):
+                    previous[name] = undo
+            before = self.rollout_state
+            rollouts = {
+                name: dict(value)
+                for name, value in _mapping(state.get("rollouts")).items()
+                if name in services and name not in behind and isinstance(value, dict)
+            }
+            for name in behind:
+                if name in before:
+                    rollouts[name] = before[name]
+            self.config_behind = behind
+            self.previous_weights = previous
+            self.rollout_state = rollouts
+            if weights != self.weights:
+                self.weights = weights
+                self.install()
+                await self.applied()
+            await self._save_file()
+            return before
+
     # -- persistence ------------------------------------------------------------------------------
 
     async def save(self) -> None:
-        """Write the state file (if configured) off the event loop."""
+        """Write the state file (if configured) off the event loop, then share the change."""
+        await self._save_file()
+        await self.backend.saved()
+
+    async def _save_file(self) -> None:
         path = self.config.state_file
         if path is None:
             return
@@ -536,6 +620,18 @@ def _reload_reason(old: Config, new: Config) -> str:
     if old.admin.listen != new.admin.listen:
         notes.append(f"admin.listen {new.admin.listen} takes effect at the next start")
     return "; ".join(notes)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _weights_of(value: Any) -> Weights | None:
+    if not isinstance(value, dict):
+        return None
+    if not all(isinstance(w, int) and not isinstance(w, bool) for w in value.values()):
+        return None
+    return {str(k): int(w) for k, w in value.items()}
 
 
 def _still_exists(config: Config, key: EndpointKey) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 from proxy.admin.server import AdminServer, start_admin
 from proxy.config.model import Config, parse_endpoint
@@ -31,6 +32,9 @@ from proxy.routing.table import RouteTable
 from proxy.state import load_state
 from proxy.watch import ConfigWatcher
 from proxy.workers import WorkerPool, resolve_workers
+
+if TYPE_CHECKING:
+    from proxy.fleet.coordinator import FleetCoordinator
 
 log = logging.getLogger("laneswitch")
 
@@ -57,6 +61,14 @@ class Server:
         self.control = ControlPlane(
             config, self.plane, self.plane.stats, config_path=config_path, config_text=config_text
         )
+        # Fleet mode: this process is a member; its coordinator is the control plane's backend
+        # before anything is restored, so no rollout timer starts on a member that does not lead.
+        self.coordinator: FleetCoordinator | None = None
+        if config.fleet is not None:
+            from proxy.fleet.coordinator import FleetCoordinator
+
+            self.coordinator = FleetCoordinator(self.control, config.fleet)
+            self.control.backend = self.coordinator
         self.listeners: list[asyncio.Server] = []
         self.admin: AdminServer | None = None
         self.health: HealthChecker | None = None
@@ -113,6 +125,9 @@ class Server:
                 workers=self.pool,
             )
             log.info("admin API on %s:%d", parse_endpoint(admin_cfg.listen)[0], self.admin.port)
+        if self.coordinator is not None:
+            # Before the listeners: the first request already follows the fleet, not the file.
+            await self.coordinator.start(self.admin.url if self.admin is not None else None)
         await self._start_health()
         control.config_listeners.append(self._config_changed)
         if self.pool is not None:
@@ -189,6 +204,8 @@ class Server:
             listener.close()
         # No new decisions once the stop began; the state file gets the last word.
         await self.control.shutdown()
+        if self.coordinator is not None:
+            await self.coordinator.stop()
         if self.watcher is not None:
             await self.watcher.stop()
         if self.pool is not None:

@@ -527,3 +527,234 @@ def fed_connection(config_text: str) -> FedConnection:
     transport = FakeTransport()
     protocol.connection_made(transport)  # type: ignore[arg-type]
     return FedConnection(plane, protocol, transport)
+
+
+def version_responder(name: str) -> Responder:
+    """An upstream answering every request with its own name (the version that served)."""
+    return lambda request: ok_response(name.encode())
+
+
+@dataclass
+class Member:
+    """One `laneswitch run` process of a fleet, on fixed free loopback ports, logging to a file
+    (a pipe nobody reads would block it)."""
+
+    name: str
+    config: Path
+    data_port: int = field(default_factory=free_port)
+    admin_port: int = field(default_factory=free_port)
+    process: asyncio.subprocess.Process | None = None
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def log(self) -> Path:
+        return self.config.with_suffix(".log")
+
+    async def start(self, *, ready: bool = True, timeout: float = 20.0) -> Member:
+        text = self.config.read_text()
+        text = text.replace("DATA_PORT", str(self.data_port))
+        text = text.replace("ADMIN_PORT", str(self.admin_port))
+        self.config.write_text(text)
+        with self.log.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                *laneswitch_command(), "run", "-c", str(self.config), cwd=ROOT, stderr=log
+            )
+        if ready:
+            await self.wait_ready(timeout)
+        return self
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        async with asyncio.timeout(timeout):
+            while True:
+                assert self.process is not None and self.process.returncode is None, (
+                    self.log.read_text()[-3000:]
+                )
+                try:
+                    status, _ = await admin_call(self.admin_port, "GET", "/readyz")
+                except OSError:
+                    status = 0
+                if status == 200:
+                    return
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+
+async def admin_call(
+    port: int, method: str, path: str, body: object = None, timeout: float = 10.0
+) -> tuple[int, dict]:  # type: ignore[type-arg]
+    """One admin API call on loopback: (status, decoded JSON or {})."""
+    import json as _json
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        data = _json.dumps(body).encode() if body is not None else b""
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+        if body is not None:
+            head += "Content-Type: application/json\r\n"
+        head += f"Content-Length: {len(data)}\r\n\r\n"
+        writer.write(head.encode() + data)
+        response = await read_response(reader, timeout=timeout)
+    finally:
+        writer.close()
+    try:
+        decoded = _json.loads(response.body) if response.body else {}
+    except ValueError:
+        decoded = {}
+    return response.status, decoded
+
+
+def fleet_config(
+    path: Path,
+    member: str,
+    redis_url: str,
+    blue: str,
+    green: str,
+    *,
+    lease: str = "2s",
+    ack_timeout: str = "2s",
+    weights: tuple[int, int] = (100, 0),
+    service_extra: str = "",
+    top_extra: str = "",
+) -> Path:
+    """A member's config: blue and green of service `shop`, in the fleet `shop` on `redis_url`
+    (ports filled in by `Member.start`)."""
+    path.write_text(
+        f"""
+listen: 127.0.0.1:DATA_PORT
+admin: {{listen: 127.0.0.1:ADMIN_PORT}}
+drain_timeout: 1s
+fleet:
+  {{redis: "{redis_url}", name: shop, member: {member}, lease: {lease}, ack_timeout: {ack_timeout}}}
+{top_extra}
+services:
+  shop:
+    versions:
+      blue: {{endpoints: ["{blue}"], weight: {weights[0]}}}
+      green: {{endpoints: ["{green}"], weight: {weights[1]}}}
+    version_header: X-App-Version
+{service_extra}
+"""
+    )
+    return path
+
+
+@dataclass
+class Traffic:
+    """Requests in a loop through one proxy port, on keep-alive connections, counting each
+    answer by status and body until `stop()`."""
+
+    port: int
+    answers: dict[tuple[int, bytes], int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+    pause: float = 0.005  # between requests: a steady rate, not a flood
+
+    def start(self) -> Traffic:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        client: Client | None = None
+        while True:
+            try:
+                if client is None:
+                    client = await Client.connect(self.port)
+                response = await client.request(get())
+                key = (response.status, response.body)
+                self.answers[key] = self.answers.get(key, 0) + 1
+                if response.header("Connection") == b"close":
+                    await client.close()
+                    client = None
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                self.errors.append(repr(exc))
+                if client is not None:
+                    await client.close()
+                client = None
+            await asyncio.sleep(self.pause)
+
+    def count(self, status: int | None = None, body: bytes | None = None) -> int:
+        return sum(
+            n
+            for (code, text), n in self.answers.items()
+            if (status is None or code == status) and (body is None or text == body)
+        )
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors) + sum(n for (code, _), n in self.answers.items() if code >= 500)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+@dataclass
+class Fleet:
+    redis: RedisServer
+    blue: RecordingUpstream
+    green: RecordingUpstream
+    members: list[Member]
+    tmp: Path
+
+    def member(self, name: str, **options: object) -> Member:
+        config = fleet_config(
+            self.tmp / f"{name}.yaml",
+            name,
+            self.redis.url,
+            self.blue.endpoint,
+            self.green.endpoint,
+            **options,  # type: ignore[arg-type]
+        )
+        member = Member(name, config)
+        self.members.append(member)
+        return member
+
+
+@contextlib.asynccontextmanager
+async def running_fleet(tmp: Path, green: Responder | None = None) -> AsyncIterator[Fleet]:
+    """A redis-server, upstreams blue and green (answering with their names), and the members
+    the test adds with `Fleet.member(...)` and starts; all stopped at the end."""
+    blue_upstream = await RecordingUpstream("blue", version_responder("blue")).start()
+    green_upstream = await RecordingUpstream("green", green or version_responder("green")).start()
+    async with redis_server() as redis:
+        found = Fleet(redis, blue_upstream, green_upstream, [], tmp)
+        try:
+            yield found
+        finally:
+            await asyncio.gather(*(m.stop() for m in found.members))
+            await blue_upstream.stop()
+            await green_upstream.stop()
+
+
+async def served_by(port: int, requests: int = 20) -> set[bytes]:
+    """The bodies (here: version names) of `requests` answers through a proxy port."""
+    client = await Client.connect(port)
+    try:
+        seen = set()
+        for _ in range(requests):
+            response = await client.request(get())
+            assert response.status == 200
+            seen.add(response.body)
+        return seen
+    finally:
+        await client.close()

@@ -155,8 +155,21 @@ async def events(request: web.Request) -> web.Response:
         since = int(text)
     except ValueError:
         return error(400, f"since must be an event id (an integer), got {text!r}")
-    found = request.app[CONTROL].events.since(since)
+    control = request.app[CONTROL]
+    fleet = await control.backend.events(since)
+    if fleet is not None:
+        return web.json_response({"events": fleet})
+    found = control.events.since(since)
     return web.json_response({"events": [event.to_json() for event in found]})
+
+
+async def changed(control: ControlPlane, result: dict[str, Any]) -> web.Response:
+    """A change's answer; in a fleet, once every live member applied it, with
+    `"members": {"acknowledged": [...], "pending": [...]}` (SPEC §9)."""
+    members = await control.backend.acknowledged()
+    if members is not None:
+        result = {**result, "members": members}
+    return web.json_response(result)
 
 
 async def switch(request: web.Request) -> web.Response:
@@ -164,7 +177,9 @@ async def switch(request: web.Request) -> web.Response:
     result = await request.app[CONTROL].switch(
         request.match_info["svc"], body.to, force=body.force, dry_run=body.dry_run, actor=ACTOR
     )
-    return web.json_response(result)
+    if body.dry_run:
+        return web.json_response(result)
+    return await changed(request.app[CONTROL], result)
 
 
 async def weights(request: web.Request) -> web.Response:
@@ -172,19 +187,19 @@ async def weights(request: web.Request) -> web.Response:
     result = await request.app[CONTROL].set_weights(
         request.match_info["svc"], body.weights, actor=ACTOR
     )
-    return web.json_response(result)
+    return await changed(request.app[CONTROL], result)
 
 
 async def rollback(request: web.Request) -> web.Response:
     result = await request.app[CONTROL].rollback(request.match_info["svc"], actor=ACTOR)
-    return web.json_response(result)
+    return await changed(request.app[CONTROL], result)
 
 
 async def rollout(request: web.Request) -> web.Response:
     result = await request.app[CONTROL].rollouts.command(
         request.match_info["svc"], request.match_info["action"], actor=ACTOR
     )
-    return web.json_response(result)
+    return await changed(request.app[CONTROL], result)
 
 
 async def reload(request: web.Request) -> web.Response:
@@ -192,8 +207,8 @@ async def reload(request: web.Request) -> web.Response:
     result = await control.reload(actor=ACTOR)
     if not result.ok:
         return error(400, "config rejected", errors=result.errors)
-    return web.json_response(
-        {"ok": True, "changed": result.changed, "config_hash": control.config_hash}
+    return await changed(
+        control, {"ok": True, "changed": result.changed, "config_hash": control.config_hash}
     )
 
 

@@ -181,6 +181,7 @@ class LaneswitchCollector(Collector):
         yield rollbacks
         yield analysis
         yield from self._workers()
+        yield from control.backend.metrics()
 
     def _workers(self) -> Iterator[Metric]:
         """Supervision of the worker processes; none with `workers: 1` (one process)."""

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from proxy.config.model import BlueGreenRollout, CanaryRollout, Config, ServiceConfig
@@ -138,6 +139,7 @@ class RolloutManager:
             raise ControlError(404, f"service {service!r} has no rollout block")
         if action not in ACTIONS:
             raise ControlError(404, f"no rollout action {action!r}")
+        self.control.check_writable()
         try:
             if action == "start":
                 await self.start(service, actor=actor, reason=f"started by {actor}")
@@ -245,6 +247,24 @@ class RolloutManager:
                 log.info("%s: resuming the rollout (%s)", name, self.state(name).phase)
                 self._run(name, immediate=False)
 
+    def fleet_changed(self, before: Mapping[str, Any] | None = None) -> None:
+        """The fleet's state was applied (`before`: the rollout states it replaced) or this
+        member's leadership changed (None): the ticking rollouts' timers run here if this
+        member decides, nowhere else. A run whose state another member changed restarts its
+        interval; one it did not change keeps its timer."""
+        deciding = self.control.backend.deciding()
+        for name, service in self.control.config.services.items():
+            state = self.state(name)
+            if service.rollout is None or state.phase not in TICKING or not deciding:
+                self._stop_task(name)
+                continue
+            changed = before is not None and before.get(name) != self.control.rollout_state.get(
+                name
+            )
+            if name not in self._tasks or changed:
+                # Step 0 (hooks before any traffic) goes on at once; a step holds its interval.
+                self._run(name, immediate=state.step == 0)
+
     def config_changed(self, old: Config, new: Config) -> list[tuple[str, str]]:
         """A reload was adopted: stop rollouts whose block went away, and name the services
         whose candidate got a new revision or endpoints (the caller starts them, with the
@@ -302,8 +322,8 @@ class RolloutManager:
     def _run(self, service: str, *, immediate: bool) -> None:
         """(Re)start the service's timer task; the window starts now."""
         self._stop_task(service)
-        if self._closed:
-            return
+        if self._closed or not self.control.backend.deciding():
+            return  # in a fleet, only the leader runs the timers
         self._mark(service)
         task = asyncio.get_running_loop().create_task(
             self._loop(service, immediate), name=f"rollout-{service}"
@@ -355,7 +375,7 @@ class RolloutManager:
         since: float | None = None
         analysis = None
         if needs.analysis:
-            since, analysis = self._analyse(service, rollout, state)
+            since, analysis = await self._analyse(service, rollout, state)
         base = self._payload(service, service_config, rollout, state)
         checks: list[CheckResult] = []
         for kind in needs.hooks:
@@ -379,6 +399,8 @@ class RolloutManager:
                 != (state.run, state.phase, state.step)
             ):
                 return None  # changed under us: whoever changed it runs the rollout now
+            if not self.control.backend.deciding():
+                return None  # lost the fleet's lease during the I/O: the next leader decides
             for check in [*checks, *(confirm or [])]:
                 self._record_check(service, check)
             observation = Observation(
@@ -397,21 +419,29 @@ class RolloutManager:
             return True
         return False if outcome.state.phase in TICKING else None
 
-    def _analyse(self, service: str, rollout: Rollout, state: RolloutState) -> tuple[float, Any]:
+    async def _analyse(
+        self, service: str, rollout: Rollout, state: RolloutState
+    ) -> tuple[float, Any]:
         candidate, baseline = roles(rollout)
-        stats = self.control.stats
-        now_candidate = stats.peek(service, candidate).snapshot()
-        now_baseline = stats.peek(service, baseline).snapshot()
-        since, then_candidate, then_baseline = self._marks.get(
-            service, (time.time(), now_candidate, now_baseline)
-        )
-        self._marks[service] = (time.time(), now_candidate, now_baseline)
+        fleet = await self.control.backend.window(service, (candidate, baseline))
+        if fleet is not None:  # the fleet's summed counters
+            since, (candidate_window, baseline_window) = fleet
+        else:
+            stats = self.control.stats
+            now_candidate = stats.peek(service, candidate).snapshot()
+            now_baseline = stats.peek(service, baseline).snapshot()
+            since, then_candidate, then_baseline = self._marks.get(
+                service, (time.time(), now_candidate, now_baseline)
+            )
+            self._marks[service] = (time.time(), now_candidate, now_baseline)
+            candidate_window = now_candidate - then_candidate
+            baseline_window = now_baseline - then_baseline
         baseline_rate = None
         if isinstance(rollout, BlueGreenRollout) and state.step >= 1:
             baseline_rate = state.baseline_rate
         analysis = analyse(
-            Measured.of(now_candidate - then_candidate),
-            Measured.of(now_baseline - then_baseline),
+            Measured.of(candidate_window),
+            Measured.of(baseline_window),
             rollout.metrics,
             rollout.min_requests,
             baseline_rate=baseline_rate,
@@ -424,6 +454,7 @@ class RolloutManager:
             return
         candidate, baseline = roles(rollout)
         stats = self.control.stats
+        self.control.backend.mark(service)
         self._marks[service] = (
             time.time(),
             stats.peek(service, candidate).snapshot(),

@@ -1,0 +1,200 @@
+"""One decision per fleet: the leader alone runs a rollout, on every member's summed counts;
+a failing canary is rolled back once for the fleet; a killed leader is replaced within the
+lease and the run goes on from its step; a leader frozen past its lease takes no step when it
+wakes. Real `laneswitch run` processes and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Fleet, Member, Traffic, admin_call, running_fleet
+
+CANARY = """
+    rollout:
+      strategy: canary
+      stable: blue
+      canary: green
+      step_weights: [STEPS]
+      interval: 1s
+      threshold: 2
+      min_requests: 5
+      progress_deadline: 1m
+      promotion: manual
+      metrics: {success_rate: {min: 95}}
+"""
+
+
+def canary(steps: str = "50") -> str:
+    return CANARY.replace("STEPS", steps)
+
+
+async def events(member: Member, since: int = 0) -> list[dict[str, Any]]:
+    status, answer = await admin_call(member.admin_port, "GET", f"/events?since={since}")
+    assert status == 200, answer
+    return list(answer["events"])
+
+
+async def fleet_status(member: Member) -> dict[str, Any]:
+    status, answer = await admin_call(member.admin_port, "GET", "/status")
+    assert status == 200, answer
+    return answer
+
+
+async def leader_of(members: list[Member], timeout: float = 10.0) -> Member:
+    """The member the fleet's lease names, once one holds it."""
+    async with asyncio.timeout(timeout):
+        while True:
+            state = await fleet_status(members[0])
+            leader = state["fleet"]["leader"]
+            for member in members:
+                if member.name == leader:
+                    return member
+            await asyncio.sleep(0.05)
+
+
+def green_failing(request: object) -> bytes:
+    return b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\n\r\ngreen"
+
+
+@pytest.fixture
+async def failing_fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    async with running_fleet(tmp_path, green=green_failing) as fleet:
+        yield fleet
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    async with running_fleet(tmp_path) as fleet:
+        yield fleet
+
+
+async def test_a_failing_canary_is_rolled_back_once_for_the_fleet_on_the_summed_counts(
+    failing_fleet: Fleet,
+) -> None:
+    fleet = failing_fleet
+    members = [fleet.member(name, service_extra=canary()) for name in ("a", "b", "c")]
+    await asyncio.gather(*(m.start() for m in members))
+    loads = [Traffic(m.data_port).start() for m in members]
+    try:
+        started = time.monotonic()
+        status, answer = await admin_call(
+            members[1].admin_port, "POST", "/services/shop/rollout/start"
+        )
+        assert status == 200, answer
+        async with asyncio.timeout(15):
+            while True:
+                states = [await fleet_status(m) for m in members]
+                phases = {s["services"]["shop"]["rollout"]["phase"] for s in states}
+                weights = {s["services"]["shop"]["versions"]["green"]["weight"] for s in states}
+                if phases == {"rolled_back"} and weights == {0}:
+                    break
+                await asyncio.sleep(0.05)
+        took = time.monotonic() - started
+        # (threshold + 1) x interval + 1 s, plus the first step (the canary gets traffic only then)
+        assert took < (2 + 1) * 1 + 1 + 1.5, took
+        await asyncio.sleep(1.5)  # would a second member roll back too?
+    finally:
+        for load in loads:
+            await load.stop()
+    record = await events(members[0])
+    rollbacks = [e for e in record if e["action"] == "rollback"]
+    assert len(rollbacks) == 1, rollbacks
+    leader = rollbacks[0]["member"]
+    assert rollbacks[0]["actor"] == "auto"
+    judged = [e for e in record if e["action"] in ("check_failed", "rollback")]
+    assert all(e["member"] == leader for e in judged)
+    analysed = sum(e["values"]["requests"] for e in judged)
+    # The analysis judged the fleet's requests: what every member sent to green, not one
+    # member's share (each sent about a third); the last report window may be uncounted.
+    per_member = [load.count(500, b"green") for load in loads]
+    assert all(n > 0 for n in per_member), per_member
+    assert analysed > max(per_member) * 1.5, (analysed, per_member)
+    assert analysed <= sum(per_member), (analysed, per_member)
+    assert analysed >= sum(per_member) * 0.5, (analysed, per_member)
+    assert len(fleet.green.requests) == sum(per_member)
+
+
+def steps_of(record: list[dict[str, Any]]) -> list[int]:
+    return [e["values"]["step"] for e in record if e["action"] == "step"]
+
+
+async def test_a_killed_leader_is_replaced_within_the_lease_and_the_run_goes_on_from_its_step(
+    fleet: Fleet,
+) -> None:
+    steps = "5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70"
+    members = [fleet.member(name, service_extra=canary(steps)) for name in ("a", "b", "c")]
+    await asyncio.gather(*(m.start() for m in members))
+    loads = {m.name: Traffic(m.data_port).start() for m in members}
+    try:
+        leader = await leader_of(members)
+        others = [m for m in members if m is not leader]
+        status, answer = await admin_call(
+            others[0].admin_port, "POST", "/services/shop/rollout/start"
+        )
+        assert status == 200, answer
+        async with asyncio.timeout(15):
+            while max(steps_of(await events(others[0])), default=0) < 3:
+                await asyncio.sleep(0.05)
+        await loads.pop(leader.name).stop()
+        before = await events(others[0])
+        last_id = before[-1]["id"]
+        leader.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        async with asyncio.timeout(10):
+            while (new := (await fleet_status(others[0]))["fleet"]["leader"]) in (
+                None,
+                leader.name,
+            ):
+                await asyncio.sleep(0.02)
+        assert time.monotonic() - killed < 2.0  # lease: 2s
+        async with asyncio.timeout(10):  # the run goes on under the new leader
+            while not [e for e in await events(others[0], last_id) if e["action"] == "step"]:
+                await asyncio.sleep(0.05)
+        after = await events(others[0], last_id)
+    finally:
+        for load in loads.values():
+            await load.stop()
+    leaders = [e for e in after if e["action"] == "leader"]
+    assert [e["member"] for e in leaders] == [new]
+    taken = steps_of(before) + steps_of(after)
+    assert taken == list(range(1, len(taken) + 1)), taken  # no restart from 0, no double step
+    assert all(e["member"] == new for e in after if e["action"] == "step")
+    assert sum(load.failed for load in loads.values()) == 0
+
+
+async def test_a_leader_frozen_past_its_lease_takes_no_step_when_it_wakes(fleet: Fleet) -> None:
+    steps = "5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70"
+    members = [fleet.member(name, service_extra=canary(steps)) for name in ("a", "b")]
+    await asyncio.gather(*(m.start() for m in members))
+    loads = [Traffic(m.data_port).start() for m in members]
+    try:
+        leader = await leader_of(members)
+        other = next(m for m in members if m is not leader)
+        status, answer = await admin_call(other.admin_port, "POST", "/services/shop/rollout/start")
+        assert status == 200, answer
+        async with asyncio.timeout(15):
+            while max(steps_of(await events(other)), default=0) < 2:
+                await asyncio.sleep(0.05)
+        leader.signal(signal.SIGSTOP)
+        await asyncio.sleep(4.0)  # 2 x lease: the other member took over meanwhile
+        frozen_until = (await events(other))[-1]["id"]
+        leader.signal(signal.SIGCONT)
+        await asyncio.sleep(2.5)  # more than an interval and a renewal period
+        after = await events(other, frozen_until)
+        state = await fleet_status(leader)
+    finally:
+        for load in loads:
+            await load.stop()
+    assert state["fleet"]["leader"] == other.name
+    assert state["fleet"]["is_leader"] is False
+    assert not [e for e in after if e["member"] == leader.name and e["actor"] == "auto"], after
+    assert [e for e in after if e["action"] == "step"], "the new leader stopped stepping"
+    taken = steps_of(await events(other))
+    assert taken == list(range(1, len(taken) + 1)), taken
