@@ -458,6 +458,10 @@ class Exchange:
             out.clear()
 
     def upstream_complete(self, conn: UpstreamConnection) -> None:
+        if conn.overrun:
+            # The response is whole and goes out; what the upstream sent after it does not.
+            self._count_upstream_error(Failure.UPSTREAM_PROTOCOL)
+            log.warning("%s: upstream sent more data than its response framing says", conn)
         out = self.out
         if self.chunked_out:
             out.append(wire.LAST_CHUNK)

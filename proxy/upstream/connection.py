@@ -34,6 +34,14 @@ if TYPE_CHECKING:
 # bounds what a broken or hostile upstream can make us buffer before its body starts.
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 
+# How a response's last read ends when nothing follows it (or what it is, when that read is
+# shorter): its head (no body, or HEAD), or the blank line after the last chunk or trailers.
+_HEAD_END = b"\r\n\r\n"
+
+
+class _Overrun(Exception):
+    """Raised from a parser callback: bytes follow the end of the response (see `ended`)."""
+
 
 class State(enum.Enum):
     NEW = "new"  # connecting
@@ -71,14 +79,18 @@ class UpstreamConnection(asyncio.Protocol):
         "chunked",
         "connection",
         "content_length",
+        "ended",
         "exchanges",
         "gate",
         "generation",
         "head_fed",
         "head_only",
         "idle_since",
+        "keep",
         "kinds",
+        "last_body",
         "lines",
+        "overrun",
         "parser",
         "pool",
         "reason",
@@ -109,6 +121,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_only = False  # the request was HEAD: the response has no body, whatever it says
         self.response_started = False
         self.head_fed = 0  # bytes of reads fed wholly inside this exchange's response head
+        # The response ended inside the current read. Its exchange is told only once that read
+        # has been parsed to its end, so that no byte of it can be parsed as the next exchange's
+        # response; a byte after the end is an overrun and closes the connection.
+        self.ended = False
+        self.overrun = False
+        self.keep = False  # the ended response allows keep-alive
+        self.last_body = b""  # the latest body piece: where a Content-Length body's read ends
         self.status = 0
         self.reason = b""
         # The response head, sorted as it is parsed: lines to forward verbatim, and the values
@@ -155,7 +174,18 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(Failure.UPSTREAM_PROTOCOL)
             return
         except httptools.HttpParserError:
-            self._fail(Failure.UPSTREAM_PROTOCOL)
+            if self.ended:
+                self._end(overrun=True)  # also what llhttp says of data after `Connection: close`
+            else:
+                self._fail(Failure.UPSTREAM_PROTOCOL)
+            return
+        if self.ended:
+            if self.content_length and not self.chunked and self.last_body:
+                self._end(overrun=not data.endswith(self.last_body))
+            else:
+                # A CRLF after the end fires no callback (llhttp skips blank lines between
+                # messages): the read's last bytes say whether anything followed.
+                self._end(overrun=not data.endswith(_HEAD_END) and not _HEAD_END.endswith(data))
             return
         if self.sink is not None:
             if self.sink is sink and not started and not self.response_started:
@@ -190,8 +220,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = None
         if self.tunnel:
             sink.upstream_failed(self, Failure.UPSTREAM_RESET)
-        elif self.response_started and not self.content_length and not self.chunked:
-            # A close-delimited body ends with the connection (RFC 9112 §6.3 rule 8).
+        elif self.response_started and not self.content_length and not self.chunked and not exc:
+            # A close-delimited body ends with the connection (RFC 9112 §6.3 rule 8); a reset
+            # (`exc`) is no end of it, it is a failure.
             sink.upstream_complete(self)
         else:
             sink.upstream_failed(self, Failure.UPSTREAM_RESET)
@@ -205,6 +236,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.upstream_write_resumed()
 
     # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.ended:
+            raise _Overrun
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
@@ -243,19 +278,24 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_fed = 0  # from here on it counts a chunked body's framing (data_received)
         self.body_seen = False
         sink.upstream_head(self)
-        if self.head_only and self.sink is not None:
-            # The parser cannot know the request was HEAD and would wait for the announced body;
-            # end the exchange here (keep-alive is read from this parser) and give the next
-            # exchange a fresh parser.
-            self._complete()
-            self.parser = httptools.HttpResponseParser(self)
+        if self.head_only:
+            # The parser cannot know the request was HEAD and would wait for the announced body:
+            # the response ends here, and any byte after the head is an overrun (`_end` gives
+            # the next exchange a fresh parser).
+            self.keep = self.parser.should_keep_alive()
+            self.ended = True
 
     def on_body(self, body: bytes) -> None:
+        if self.ended:
+            raise _Overrun  # a body on a HEAD answer
         self.body_seen = True
-        if self.sink is not None and not self.head_only:
+        self.last_body = body
+        if self.sink is not None:
             self.sink.upstream_body(body)
 
     def on_message_complete(self) -> None:
+        if self.ended:
+            raise _Overrun  # a whole (empty) chunked body on a HEAD answer
         status = self.status
         sink = self.sink
         if sink is None or status == 101:
@@ -265,8 +305,9 @@ class UpstreamConnection(asyncio.Protocol):
             sink.upstream_head(self)
             self._reset_response()
             return
-        self.exchanges += 1
-        sink.upstream_complete(self)
+        # Read here: llhttp forgets the message's flags once this callback returns.
+        self.keep = self.parser.should_keep_alive()
+        self.ended = True
 
     # -- used by the exchange -----------------------------------------------------------------
 
@@ -280,6 +321,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.kinds = kinds
         self.head_only = head_only
         self.head_fed = 0
+        self.ended = False
         self._reset_response()
 
     def write(self, data: bytes) -> None:
@@ -287,7 +329,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(data)
 
     def keep_alive(self) -> bool:
-        return self.parser.should_keep_alive() and not self.tunnel
+        """The response that just ended lets the connection be reused."""
+        return self.keep and not self.overrun and not self.tunnel
 
     def pause_reading(self, reason: int) -> None:
         if self.gate is not None:
@@ -337,12 +380,24 @@ class UpstreamConnection(asyncio.Protocol):
         self.upgrade = None
         self.content_length = False
         self.chunked = False
+        self.last_body = b""
 
-    def _complete(self) -> None:
+    def _end(self, overrun: bool) -> None:
+        """The response ended in the read just parsed: tell its exchange, which may hand the
+        connection on. After an overrun the connection is closed first: the bytes that followed
+        reach nobody and the connection is never reused (nginx: "upstream sent more data than
+        specified"). The response itself was whole and is delivered."""
+        self.ended = False
         sink = self.sink
-        if sink is not None:
-            self.exchanges += 1
-            sink.upstream_complete(self)
+        if sink is None:
+            return
+        if overrun:
+            self.overrun = True
+            self.abort()
+        elif self.head_only:
+            self.parser = httptools.HttpResponseParser(self)
+        self.exchanges += 1
+        sink.upstream_complete(self)
 
     def _fail(self, failure: Failure) -> None:
         sink = self.sink
