@@ -23,8 +23,9 @@ from proxy.config.model import Config, ServiceConfig
 from proxy.events import Event, EventLog
 from proxy.fleet.backend import STORE_UNAVAILABLE, StateBackend
 from proxy.http.plane import DataPlane
+from proxy.jsonfields import Unreadable, known_fields
 from proxy.metrics import MetricsWindow, StatsRegistry, StatsSnapshot, quantile, success_rate
-from proxy.rollout.controller import TransitionRefused
+from proxy.rollout.controller import RolloutState, TransitionRefused
 from proxy.rollout.manager import RolloutManager
 from proxy.routing.build import build_table, rollout_roles
 from proxy.routing.table import RouteTable
@@ -88,6 +89,11 @@ class ControlPlane:
         self.draining = False
         self.generation = plane.table.generation
         self.rollout_state: dict[str, dict[str, Any]] = {}
+        # The state file: entries of the saved one left out at start-up (another version's,
+        # or damaged), and writes that failed (the last one's error until a write succeeds).
+        self.state_entries_skipped = 0
+        self.state_write_failures = 0
+        self.state_write_error: str | None = None
         self.window = MetricsWindow(stats)
         # Where the runtime state is shared: this process alone, or a fleet's store (SPEC §9).
         self.backend = StateBackend()
@@ -118,6 +124,7 @@ class ControlPlane:
         made while the proxy was down wins, as it would on a reload.
         """
         self.events = EventLog(Event.from_json(e) for e in state.events)
+        self.state_entries_skipped += state.skipped
         for name, service in self.config.services.items():
             saved = state.weights.get(name)
             if saved is None or state.file_weights.get(name) != self.file_weights[name]:
@@ -127,7 +134,14 @@ class ControlPlane:
                 previous = state.previous_weights.get(name)
                 if previous is not None and validate_weights(service, previous) is None:
                     self.previous_weights[name] = dict(previous)
-        self.rollout_state = dict(state.rollouts)
+        self.rollout_state = {}
+        for name, saved in state.rollouts.items():
+            try:
+                # Only the fields this version knows, each of its type (see RolloutState).
+                self.rollout_state[name] = known_fields(RolloutState, saved)
+            except Unreadable as exc:
+                self.state_entries_skipped += 1
+                log.warning("state file: rollouts.%s skipped: %s", name, exc)
         self.install()
         self.rollouts.restored()
 
@@ -190,6 +204,12 @@ class ControlPlane:
                 "hash": self.config_hash,
                 "loaded_at": self.loaded_at,
                 "last_reload_error": self.last_reload_error,
+            },
+            "state_file": {
+                "path": self.config.state_file,
+                "entries_skipped": self.state_entries_skipped,
+                "write_failures": self.state_write_failures,
+                "last_write_error": self.state_write_error,
             },
             "services": services,
         }
@@ -552,8 +572,14 @@ class ControlPlane:
             state = copy.deepcopy(self.runtime_state())
             try:
                 await asyncio.to_thread(save_state, path, state)
-            except OSError as exc:
-                log.error("cannot write the state file %s: %s", path, exc)
+            except (OSError, TypeError, ValueError) as exc:
+                # Visible where an operator looks (GET /status, the metric), not only here: a
+                # restart would resume from an older state than the one in force.
+                self.state_write_failures += 1
+                self.state_write_error = f"cannot write the state file {path}: {exc}"
+                log.error("%s", self.state_write_error)
+            else:
+                self.state_write_error = None
 
     async def shutdown(self) -> None:
         """The graceful stop began: no rollout decision from now on (one being carried out

@@ -10,9 +10,11 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from proxy.jsonfields import Unreadable, known_fields
 
 log = logging.getLogger("laneswitch.events")
 
@@ -41,17 +43,21 @@ class Event:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Event:
-        data = dict(data)
-        data["from_"] = data.pop("from", None)
-        return cls(**data)
+    def from_json(cls, data: object) -> Event:
+        """An event as `to_json` wrote it, by this or another laneswitch version: unknown
+        fields are ignored; `Unreadable` (a ValueError) when a field has the wrong type."""
+        if not isinstance(data, Mapping):
+            raise Unreadable(f"expected an object, got {type(data).__name__}")
+        fields = dict(data)
+        fields["from_"] = fields.pop("from", None)
+        return cls(**known_fields(cls, fields))
 
 
 class EventLog:
     """Numbered events, oldest first, at most MAX_EVENTS in memory."""
 
     def __init__(self, events: Iterable[Event] = ()) -> None:
-        self._events: deque[Event] = deque(events, maxlen=MAX_EVENTS)
+        self._events: deque[Event] = deque(sorted(events, key=lambda e: e.id), maxlen=MAX_EVENTS)
         self._next_id = (self._events[-1].id + 1) if self._events else 1
 
     def record(

@@ -639,6 +639,9 @@ SERVICE_VERSION_FAMILIES = {
     "laneswitch_config_reloads": ("counter", {"result"}),
     "laneswitch_client_aborts": ("counter", {"service", "version"}),
     "laneswitch_drain_cut_requests": ("counter", {"service", "version"}),
+    # Process-wide (no labels).
+    "laneswitch_state_entries_skipped": ("counter", set()),
+    "laneswitch_state_write_failures": ("counter", set()),
 }
 # Rollout families: series only for services with a rollout block (rollbacks: every service,
 # since `rollback` works without one).

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "proxy.http.exchange": 3,
     "proxy.http.plane": 3,
     "proxy.events": 1,
+    "proxy.jsonfields": 0,
     "proxy.watch": 1,
     "proxy.state": 1,
     "proxy.rollout.": 4,

@@ -135,6 +135,17 @@ class LaneswitchCollector(Collector):
         for result in ("success", "failure"):
             reloads.add_metric([result], control.reloads.get(result, 0))
 
+        state_skipped = CounterMetricFamily(
+            "laneswitch_state_entries_skipped",
+            "Entries of the state file left out at start-up because they did not parse.",
+        )
+        state_skipped.add_metric([], control.state_entries_skipped)
+        state_failures = CounterMetricFamily(
+            "laneswitch_state_write_failures",
+            "State file writes that failed (the last error is in GET /status).",
+        )
+        state_failures.add_metric([], control.state_write_failures)
+
         phase = GaugeMetricFamily(
             "laneswitch_rollout_phase",
             "1 for the rollout's current phase, 0 for the others.",
@@ -175,6 +186,8 @@ class LaneswitchCollector(Collector):
         yield weight
         yield healthy
         yield reloads
+        yield state_skipped
+        yield state_failures
         yield client_aborts
         yield drain_cut
         yield phase
