@@ -42,6 +42,9 @@ SPEC_METRICS = {
     "laneswitch_config_reloads_total": "counter",
     "laneswitch_client_aborts_total": "counter",
     "laneswitch_drain_cut_requests_total": "counter",
+    # SPEC §6: the state file.
+    "laneswitch_state_entries_skipped_total": "counter",
+    "laneswitch_state_write_failures_total": "counter",
 }
 # What Grafana puts in place of its variables when it sends a query.
 GRAFANA_VARIABLES = {
