@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import shutil
 import socket
+import struct
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -168,6 +169,12 @@ async def raw_upstream(handler: RawHandler) -> AsyncIterator[str]:
 
 async def read_request_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
+
+
+def reset_on_close(writer: asyncio.StreamWriter) -> None:
+    """Make the next close of this socket send RST instead of FIN (SO_LINGER 0)."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 @dataclass

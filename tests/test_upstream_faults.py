@@ -9,7 +9,6 @@ import asyncio
 import json
 import select
 import socket
-import struct
 import time
 from collections.abc import Iterator
 
@@ -25,6 +24,7 @@ from tests.helpers import (
     read_request_head,
     read_response,
     refused_endpoint,
+    reset_on_close,
     running_proxy,
     until,
 )
@@ -82,12 +82,6 @@ def unanswered_endpoint() -> Iterator[str]:
         for sock in held:
             sock.close()
         listener.close()
-
-
-def reset_on_close(writer: asyncio.StreamWriter) -> None:
-    """Make the next close of this socket send RST instead of FIN (SO_LINGER 0)."""
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 async def read_until_gone(reader: asyncio.StreamReader, timeout: float = 3.0) -> bytes:
@@ -449,6 +443,38 @@ async def test_upstream_closing_right_after_answering_is_retried_transparently()
         assert handled == expected  # each request processed exactly once
         stats = proxy.stats("shop", "blue")
         assert stats.requests == {200: 20}
+        await client.close()
+
+
+async def test_a_retry_on_a_stale_pooled_connection_that_succeeds_counts_no_error() -> None:
+    """The upstream closing a kept-alive connection as the proxy reuses it is the keep-alive
+    race, not a failure of the version: when the retry succeeds, nothing counts against it."""
+    handled = 0
+
+    async def answer_once_then_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        nonlocal handled
+        await read_request_head(reader)
+        handled += 1
+        writer.write(ok_response())  # no `Connection: close` announced
+        await writer.drain()
+        writer.close()
+
+    async with (
+        raw_upstream(answer_once_then_close) as endpoint,
+        running_proxy(proxy_config([endpoint], [endpoint])) as proxy,
+    ):
+        client = await proxy.client()
+        # Pipelined: the second request is dispatched as the first response completes, before
+        # the upstream's FIN is read, so it goes out on the dead connection and is retried.
+        await client.send(get("/a") + get("/b"))
+        for _ in range(2):
+            assert (await client.response()).status == 200
+        assert handled == 2
+        stats = proxy.stats("shop", "blue")
+        assert stats.requests == {200: 2}
+        assert stats.upstream_errors == {"connect": 0, "timeout": 0, "reset": 0, "protocol": 0}
         await client.close()
 
 

@@ -17,8 +17,10 @@ from tests.helpers import (
     get,
     raw_upstream,
     read_request_head,
+    reset_on_close,
     running_proxy,
     two_version_config,
+    until,
 )
 
 
@@ -212,4 +214,72 @@ async def test_an_exact_response_keeps_its_connection() -> None:
         assert stats.upstream_errors["protocol"] == 0
         assert stats.requests == {200: 10, 204: 2}
         assert connections == 1
+        await client.close()
+
+
+# -- the end of a close-delimited body ---------------------------------------------------------
+
+
+async def read_to_the_end(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+    """Everything the proxy sends, and whether the connection ended with a reset (not a FIN)."""
+    data = b""
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                piece = await reader.read(65536)
+            except ConnectionResetError:
+                return data, True
+            if not piece:
+                return data, False
+            data += piece
+
+
+@pytest.mark.parametrize("client_version", ["1.1", "1.0"])
+@pytest.mark.parametrize("end", ["fin", "rst"])
+async def test_a_reset_does_not_end_a_close_delimited_body(client_version: str, end: str) -> None:
+    """A body without Content-Length or chunking ends with the upstream's FIN (RFC 9112 §6.3);
+    a reset is a failure. An HTTP/1.1 client must not get the last chunk, and an HTTP/1.0
+    client, for which a FIN is the clean end of such a body, must get a reset."""
+    client_has_part = asyncio.Event()
+
+    async def close_delimited(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart of it")
+        await writer.drain()
+        await client_has_part.wait()
+        if end == "rst":
+            reset_on_close(writer)
+        writer.close()
+
+    async with (
+        raw_upstream(close_delimited) as endpoint,
+        running_proxy(only_blue(endpoint)) as proxy,
+    ):
+        client = await proxy.client()
+        await client.send(
+            f"GET / HTTP/{client_version}\r\nHost: app.test\r\nConnection: close\r\n\r\n".encode()
+        )
+        received = b""
+        async with asyncio.timeout(3):
+            while b"part of it" not in received:
+                piece = await client.reader.read(65536)
+                assert piece, "the proxy closed before forwarding the body"
+                received += piece
+        client_has_part.set()
+        rest, was_reset = await read_to_the_end(client.reader)
+        received += rest
+        stats = proxy.stats("shop", "blue")
+        await until(lambda: stats.in_flight == 0)
+        last_chunk = received.endswith(b"0\r\n\r\n")
+        if end == "fin":
+            assert stats.requests == {200: 1}
+            assert stats.upstream_errors["reset"] == 0
+            assert not was_reset
+            assert last_chunk == (client_version == "1.1")
+        else:
+            assert stats.upstream_errors["reset"] == 1
+            assert 200 not in stats.requests
+            assert not last_chunk
+            if client_version == "1.0":
+                assert was_reset  # a FIN would tell this client the body is whole
         await client.close()

@@ -491,8 +491,8 @@ class Exchange:
         if self.done:
             self.proto.close()  # a tunnel ended
             return
-        self._count_upstream_error(failure)
         if self.response_started:
+            self._count_upstream_error(failure)
             # Never fake a clean end: the client must see that the body is incomplete.
             self.proto.abort(self)
             return
@@ -508,9 +508,12 @@ class Exchange:
             # A pooled connection the upstream closed as we reused it: no response byte came
             # back and there is no body to replay. The upstream may still have processed the
             # request, so only an idempotent one is retried, once.
+            # Not counted: that connection's death is the keep-alive race, not the upstream
+            # failing this request; the retry counts if it fails too.
             self.retried = True
             self._dispatch(self.endpoint)
             return
+        self._count_upstream_error(failure)
         self.proto.answer(self, failure)
 
     def upstream_write_paused(self) -> None:

@@ -7,6 +7,9 @@ points; reading is paused for named reasons and resumed only when none is left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 
 # Bytes queued in one transport before its writer pauses the peer's reading. This is what bounds
 # the memory of a connection with a slow reader on the other side, whatever the body size.
@@ -22,6 +25,19 @@ TUNNEL_PENDING = 8  # an Upgrade request waits for the upstream's 101
 
 def set_write_limits(transport: asyncio.Transport) -> None:
     transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+
+
+_LINGER_OFF = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Abort with a TCP reset. `abort()` alone closes with a FIN on asyncio and uvloop, which a
+    peer reading a body to the end of the connection (HTTP/1.0) takes for a clean end."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+    transport.abort()
 
 
 class ReadGate:

@@ -25,6 +25,7 @@ from proxy.http.flow import (
     PIPELINE_FULL,
     TUNNEL_PENDING,
     ReadGate,
+    reset,
     set_write_limits,
 )
 
@@ -439,7 +440,7 @@ class DownstreamProtocol(asyncio.Protocol):
             ex.failure = failure
             return
         if ex.response_started:
-            self.abort(ex)
+            self.abort(ex, None)  # the client's fault, not the version's
             return
         ex._drop_upstream()
         self.answer(ex, failure)
@@ -450,7 +451,9 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         if ex.response_started:
             # Part of the upstream's answer is out: the only honest end is a cut connection.
-            self.abort(ex)
+            # Only the client's faults (bad framing, a stalled or oversized body) come here once
+            # the response started: a client outcome, never a 5xx for the version.
+            self.abort(ex, failure.status if failure.status >= 500 else None)
             return
         ex._drop_upstream()
         close = (
@@ -553,15 +556,19 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def abort(self, ex: Exchange) -> None:
-        """End the connection without a clean end of message (the response is cut)."""
+    def abort(self, ex: Exchange, status: int | None = 502) -> None:
+        """End the connection without a clean end of message (the response is cut), with a
+        reset. `status` is the outcome recorded for `ex`; None: the client caused the cut, which
+        counts as a client abort and never against the version."""
         ex._drop_upstream()
         if not ex.done:
-            ex.settle(502)
+            if status is None and ex.stats is not None:
+                ex.stats.client_aborts += 1
+            ex.settle(status)
         self.closing = True
         self.active = None
         if self.transport is not None:
-            self.transport.abort()
+            reset(self.transport)
 
     def close_if_idle(self) -> None:
         if self.active is None and self.parsing is None and self.tunnel is None:
@@ -586,7 +593,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.tunnel.abort()
             self.tunnel = None
         if self.transport is not None:
-            self.transport.abort()
+            reset(self.transport)  # a FIN could end an HTTP/1.0 body cleanly
         return cut
 
     def gate_pause(self, reason: int) -> None:
