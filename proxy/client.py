@@ -130,6 +130,8 @@ def describe_change(verb: str, result: dict[str, Any]) -> str:
             f"{service}: dry run, {verb} would set {_weights_text(after)} "
             f"(now {_weights_text(before)}); nothing changed"
         )
+    if before == after:
+        return f"{service}: {verb}: no change ({_weights_text(after)})"
     return f"{service}: {verb}: {_weights_text(after)} (was {_weights_text(before)})"
 
 

@@ -278,7 +278,9 @@ class ControlPlane:
     async def rollback(self, service: str, *, actor: str = "admin") -> dict[str, Any]:
         """All traffic back to the stable/active version (after a promotion: the version that
         had it before), or without a rollout block, back to the weights in force before the
-        last switch or weights change. 409 if nothing to undo. Ends a running rollout."""
+        last switch or weights change. Never refused while the service exists: it ends a
+        rollout in any phase (step 0 included, while its pre-rollout hooks still run), and
+        when the weights are already the rollback's it answers "no change"."""
         config = self._service(service)
         _, stable = rollout_roles(config)
         if stable is not None:
@@ -289,12 +291,12 @@ class ControlPlane:
             reason = f"all traffic back to {stable}"
         else:
             previous = self.previous_weights.get(service)
-            if previous is None:
-                raise ControlError(409, f"nothing to roll back for {service!r}")
-            target = dict(previous)
+            # Nothing to undo is "no change", not a refusal: a rollback must always be safe
+            # to send (an operator or a script repeating it in a panic).
+            target = dict(previous) if previous is not None else dict(self.weights[service])
             reason = "weights before the last change"
-        if target == self.weights[service]:
-            raise ControlError(409, f"{service!r} is already at its rollback weights")
+        # The run ends first, even when the weights need not move: a run at step 0 (its
+        # pre-rollout hooks still running) would otherwise give the canary traffic afterwards.
         await self.rollouts.before_rollback(service, actor)
         self.rollouts.rollbacks[(service, "manual")] += 1
         return await self._apply(service, target, "rollback", actor, False, reason)

@@ -541,8 +541,8 @@ async def test_rollback_restores_the_weights_before_the_last_change(tmp_path: Pa
         admin_proxy(tmp_path, config_text(blue.endpoint, green.endpoint, blue_weight=90)) as proxy,
     ):
         answer = await proxy.call("POST", "/services/shop/rollback")
-        assert answer.status == 409  # nothing to undo yet
-        assert answer.error
+        assert answer.status == 200  # nothing to undo yet: "no change", never a refusal
+        assert answer.body["to"] == {"blue": 90, "green": 10}
 
         await proxy.call("POST", "/services/shop/switch", {"to": "green"})
         assert await send(proxy.proxy_port, 3) == {"green": 3}
@@ -551,7 +551,7 @@ async def test_rollback_restores_the_weights_before_the_last_change(tmp_path: Pa
         assert answer.body["to"] == {"blue": 90, "green": 10}
         assert await send(proxy.proxy_port, 10) == {"blue": 9, "green": 1}
         actions = [(e.actor, e.action) for e in proxy.server.control.events.since(0)]
-        assert actions == [("admin", "switch"), ("admin", "rollback")]
+        assert actions == [("admin", "rollback"), ("admin", "switch"), ("admin", "rollback")]
 
         assert (await proxy.call("POST", "/services/nope/rollback")).status == 404
 

@@ -519,6 +519,17 @@ def _promotion(
     return Outcome(_decided(new, decision, obs.now), (decision,))
 
 
+def rolls_back_on(state: RolloutState, rollout: Rollout, analysis: Analysis | None) -> bool:
+    """Whether this analysis alone ends the run (its failed check reaches `threshold`): the
+    driver then calls no gating hook, since no hook's answer could change the decision and a
+    rollback must never wait for one."""
+    return (
+        analysis is not None
+        and analysis.verdict == "fail"
+        and state.failed_checks + 1 >= rollout.threshold
+    )
+
+
 def _failed_check(
     state: RolloutState,
     rollout: Rollout,

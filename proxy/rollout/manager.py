@@ -35,7 +35,7 @@ from proxy.rollout.controller import (
     TransitionRefused,
     roles,
 )
-from proxy.rollout.webhooks import call_webhooks, pre_switch_checks
+from proxy.rollout.webhooks import bounded_hooks, call_webhooks, pre_switch_checks
 
 if TYPE_CHECKING:
     from proxy.control import ControlPlane
@@ -378,14 +378,19 @@ class RolloutManager:
             since, analysis = await self._analyse(service, rollout, state)
         base = self._payload(service, service_config, rollout, state)
         checks: list[CheckResult] = []
-        for kind in needs.hooks:
-            checks += await call_webhooks(rollout.webhooks, kind, base)
-        if needs.pre_switch and isinstance(rollout, BlueGreenRollout):
-            endpoints = service_config.versions[candidate].endpoints
-            checks += await pre_switch_checks(rollout.pre_switch, endpoints)
         confirm: list[CheckResult] | None = None
-        if needs.confirm:
-            confirm = await call_webhooks(rollout.webhooks, "confirm-promotion", base)
+        if not controller.rolls_back_on(state, rollout, analysis):
+            # Every gating call is bounded by the interval, whatever the hooks' own timeouts
+            # and retries add up to: a hook that never answers delays a decision by one
+            # interval at most, and counts as a failed check.
+            bound = rollout.interval
+            for kind in needs.hooks:
+                checks += await bounded_hooks(rollout.webhooks, kind, base, bound)
+            if needs.pre_switch and isinstance(rollout, BlueGreenRollout):
+                endpoints = service_config.versions[candidate].endpoints
+                checks += await pre_switch_checks(rollout.pre_switch, endpoints)
+            if needs.confirm:
+                confirm = await bounded_hooks(rollout.webhooks, "confirm-promotion", base, bound)
         baseline_rate = None
         if isinstance(rollout, BlueGreenRollout) and state.step == 0:
             baseline_rate = Measured.of(self.control.window.delta(service, baseline)).success_rate

@@ -76,6 +76,19 @@ async def call_webhooks(
         return list(await asyncio.gather(*calls))
 
 
+async def bounded_hooks(
+    hooks: Sequence[Webhook], kind: str, base: dict[str, Any], bound: float
+) -> list[CheckResult]:
+    """`call_webhooks`, given up after `bound` seconds: every hook still unanswered then is
+    a failure ("no answer within the interval")."""
+    chosen = [hook for hook in hooks if hook.type == kind]
+    try:
+        return await asyncio.wait_for(call_webhooks(chosen, kind, base), bound)
+    except TimeoutError:
+        detail = f"no answer within the rollout interval ({bound:g}s)"
+        return [CheckResult(hook.name, hook.type, False, None, 1, detail, bound) for hook in chosen]
+
+
 async def pre_switch_checks(
     checks: Sequence[PreSwitchCheck], endpoints: Sequence[str]
 ) -> list[CheckResult]:

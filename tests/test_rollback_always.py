@@ -1,0 +1,161 @@
+"""Functional: a rollback is never refused and never waits for a webhook.
+
+A rollback is what an operator (or the analysis) reaches for when things go wrong, so it must be
+safe to send in any phase and must act at once: it ends a run still at step 0 (its pre-rollout
+hooks unanswered), it answers "no change" rather than 409 when the weights are already there, and
+a gating hook that never answers delays the automatic rollback by at most one interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.test_admin import admin_proxy
+from tests.test_rollout import (
+    INTERVAL,
+    actions,
+    canary_config,
+    failing_share,
+    phase_is,
+    start,
+    steady_load,
+    two_upstreams,
+)
+
+
+@dataclass
+class StalledHook:
+    """A webhook endpoint that reads each request and answers only once `release` is set
+    (never, if the test does not set it)."""
+
+    url: str = ""
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    requests: int = 0
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def stalled_hook() -> AsyncIterator[StalledHook]:
+    hook = StalledHook()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hook.writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            hook.requests += 1
+            await hook.release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    hook.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield hook
+    finally:
+        for writer in hook.writers:
+            writer.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+def hook_entry(url: str, kind: str, timeout: str = "2s", retries: int = 1) -> str:
+    entry = f"name: {kind}, type: {kind}, url: '{url}/{kind}', timeout: {timeout}"
+    return f"[{{{entry}, retries: {retries}}}]"
+
+
+async def test_rollback_during_step_0_ends_the_run_and_the_canary_never_gets_traffic(
+    tmp_path: Path,
+) -> None:
+    async with stalled_hook() as hook, two_upstreams() as (stable, canary):
+        text = canary_config(
+            stable.endpoint, canary.endpoint, webhooks=hook_entry(hook.url, "pre-rollout", "10s")
+        )
+        async with admin_proxy(tmp_path, text) as proxy, steady_load(proxy.proxy_port) as load:
+            control = proxy.server.control
+            await start(proxy)
+            async with asyncio.timeout(5):
+                while hook.requests == 0:  # step 0: the pre-rollout hook is being asked
+                    await asyncio.sleep(0.01)
+            assert control.rollouts.state("shop").phase == "progressing"
+            answer = await proxy.call("POST", "/services/shop/rollback")
+            assert answer.status == 200, answer.body
+            assert control.rollouts.state("shop").phase == "rolled_back"
+            # The hook now says yes: nothing may move traffic to the canary any more.
+            hook.release.set()
+            served = sum(load.statuses.values())
+            async with asyncio.timeout(10):
+                while sum(load.statuses.values()) < served + 200:  # several intervals of traffic
+                    await asyncio.sleep(0.02)
+            assert proxy.weights() == {"stable": 100, "canary": 0}
+            assert control.rollouts.state("shop").phase == "rolled_back"
+            assert "step" not in actions(proxy.server)
+        assert canary.requests == []
+        assert load.errors == []
+
+
+async def test_rollback_is_idempotent_and_never_409(tmp_path: Path) -> None:
+    async with two_upstreams() as (stable, canary):
+        text = canary_config(stable.endpoint, canary.endpoint)
+        async with admin_proxy(tmp_path, text) as proxy:
+            for _ in range(2):  # idle, all traffic already on stable: "no change", twice
+                answer = await proxy.call("POST", "/services/shop/rollback")
+                assert answer.status == 200, answer.body
+                assert answer.body["to"] == {"stable": 100, "canary": 0}
+            reasons = [e.reason for e in proxy.server.control.events.since(0)]
+            assert reasons.count("no change") == 2
+            assert (await proxy.call("POST", "/services/nope/rollback")).status == 404
+
+
+async def test_rollback_without_a_rollout_and_nothing_to_undo_is_no_change(tmp_path: Path) -> None:
+    async with two_upstreams() as (stable, canary):
+        text = f"""
+listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0}}
+services:
+  shop:
+    versions:
+      stable: {{endpoints: ["{stable.endpoint}"], weight: 90}}
+      canary: {{endpoints: ["{canary.endpoint}"], weight: 10}}
+"""
+        async with admin_proxy(tmp_path, text) as proxy:
+            answer = await proxy.call("POST", "/services/shop/rollback")
+            assert answer.status == 200, answer.body
+            assert proxy.weights() == {"stable": 90, "canary": 10}
+            assert (
+                await proxy.call("PUT", "/services/shop/weights", {"weights": {"stable": 100}})
+            ).status == 200
+            assert (await proxy.call("POST", "/services/shop/rollback")).status == 200
+            assert proxy.weights() == {"stable": 90, "canary": 10}
+
+
+async def test_a_hook_that_never_answers_delays_the_rollback_by_at_most_an_interval(
+    tmp_path: Path,
+) -> None:
+    """Promise 6 with a gating `rollout` hook that never answers (2 s timeout, 1 retry: 4 s of
+    waiting per tick if it were not bounded) and a canary that fails every request."""
+    threshold = 2
+    async with (
+        stalled_hook() as hook,
+        two_upstreams(canary_responder=failing_share(1.0)) as (stable, canary),
+    ):
+        text = canary_config(
+            stable.endpoint,
+            canary.endpoint,
+            threshold=threshold,
+            min_requests=5,
+            webhooks=hook_entry(hook.url, "rollout"),
+        )
+        async with admin_proxy(tmp_path, text) as proxy, steady_load(proxy.proxy_port):
+            began = time.monotonic()
+            await start(proxy)
+            await phase_is(proxy.server.control, "rolled_back", timeout=15)
+            took = time.monotonic() - began
+            assert took <= (threshold + 1) * INTERVAL + 1.0, took
+            assert proxy.weights() == {"stable": 100, "canary": 0}
+            assert actions(proxy.server).count("rollback") == 1
