@@ -107,6 +107,9 @@ class ControlPlane:
         # return once every process serving traffic has applied that table (or a later one).
         self.table_acks: list[Callable[[int], Awaitable[None]]] = []
         self._lock = asyncio.Lock()
+        # The reload running now and the one coalescing every request made meanwhile.
+        self._reload_running: asyncio.Task[ReloadResult] | None = None
+        self._reload_next: asyncio.Task[ReloadResult] | None = None
         # Serialises state-file writes: some are made outside `_lock` (background webhook
         # verdicts, a refused rollout start), and two writes in flight at once could land in
         # the wrong order, an older state replacing a newer one.
@@ -243,6 +246,7 @@ class ControlPlane:
         Returns {"service", "from": weights before, "to": weights after, "dry_run"}.
         """
         self.check_writable()
+        self.refuse_while_draining()
         config = self._service(service)
         if to not in config.versions:
             raise ControlError(404, f"service {service!r} has no version {to!r}")
@@ -253,7 +257,15 @@ class ControlPlane:
         after = {name: (config.weight_total if name == to else 0) for name in config.versions}
         if not dry_run:
             await self.rollouts.before_manual_change(service, "switch", actor)
-        return await self._apply(service, after, "switch", actor, dry_run, f"all traffic to {to}")
+        return await self._apply(
+            service,
+            after,
+            "switch",
+            actor,
+            dry_run,
+            f"all traffic to {to}",
+            healthy=None if force else to,
+        )
 
     async def set_weights(
         self, service: str, weights: Mapping[str, int], *, actor: str = "admin"
@@ -264,6 +276,7 @@ class ControlPlane:
         `switch`.
         """
         self.check_writable()
+        self.refuse_while_draining()
         config = self._service(service)
         unknown = sorted(set(weights) - set(config.versions))
         if unknown:
@@ -278,9 +291,11 @@ class ControlPlane:
     async def rollback(self, service: str, *, actor: str = "admin") -> dict[str, Any]:
         """All traffic back to the stable/active version (after a promotion: the version that
         had it before), or without a rollout block, back to the weights in force before the
-        last switch or weights change. Never refused while the service exists: it ends a
-        rollout in any phase (step 0 included, while its pre-rollout hooks still run), and
-        when the weights are already the rollback's it answers "no change"."""
+        last switch or weights change. Never refused while the service exists (but for the
+        503 of the drain at shutdown): it ends a rollout in any phase (step 0 included, while
+        its pre-rollout hooks still run), and when the weights are already the rollback's it
+        answers "no change"."""
+        self.refuse_while_draining()
         config = self._service(service)
         _, stable = rollout_roles(config)
         if stable is not None:
@@ -356,13 +371,23 @@ class ControlPlane:
         actor: str,
         dry_run: bool,
         reason: str,
+        *,
+        healthy: str | None = None,
     ) -> dict[str, Any]:
+        """Install `after` for `service` and record it; with `healthy`, refused (409) when that
+        version has no healthy endpoint at the moment the change is made."""
         async with self._lock:
             # `after` was computed from the config before the lock: a reload that got the lock
             # first may have removed the service or renamed its versions or weight_total.
             self._service(service)
+            self.refuse_while_draining()
             if validate_weights(self.config.services[service], after) is not None:
                 raise ControlError(409, f"the config of {service!r} changed under the call; retry")
+            # Read under the lock: the health verdict may have changed while the call waited.
+            if healthy is not None and not self.has_healthy_endpoint(service, healthy):
+                raise ControlError(
+                    409, f"version {healthy!r} has no healthy endpoint (use force to switch anyway)"
+                )
             before = dict(self.weights[service])
             result = {"service": service, "from": before, "to": after, "dry_run": dry_run}
             if dry_run:
@@ -384,46 +409,80 @@ class ControlPlane:
 
     async def reload(self, *, actor: str = "admin") -> ReloadResult:
         """Re-read the config file; all-or-nothing. A new revision or new endpoints of a
-        rollout's canary (blue-green: preview) start a new rollout of it (actor "config")."""
+        rollout's canary (blue-green: preview) start a new rollout of it (actor "config").
+
+        Requests that arrive while a reload runs are coalesced into one more, begun when the
+        running one ends (so it reads the file as it is after every one of them); they all
+        get its result. A storm of SIGHUPs is therefore at most two reloads deep, and a
+        rollback never queues behind it."""
+        self.refuse_while_draining()
+        loop = asyncio.get_running_loop()
+        running = self._reload_running
+        if running is None:
+            task = self._reload_running = loop.create_task(self._run_reload(None, actor))
+        elif self._reload_next is not None:
+            task = self._reload_next
+        else:
+            task = self._reload_next = loop.create_task(self._run_reload(running, actor))
+        # Shielded: a caller that goes away (an admin client disconnecting) must not cancel a
+        # reload other callers wait for.
+        return await asyncio.shield(task)
+
+    async def _run_reload(
+        self, after: asyncio.Task[ReloadResult] | None, actor: str
+    ) -> ReloadResult:
+        if after is not None:
+            await asyncio.wait([after])
+            self._reload_running, self._reload_next = self._reload_next, None
+        try:
+            return await self._reload_once(actor)
+        finally:
+            if self._reload_running is asyncio.current_task():
+                self._reload_running = None
+
+    async def _reload_once(self, actor: str) -> ReloadResult:
+        # Read and parsed outside the lock: switches and rollbacks never wait for the disk.
+        # Reloads run one at a time (see `reload`), so nothing else adopts a config meanwhile.
+        if self.config_path is None:
+            return await self._reload_failed(["no config file to reload (embedded config)"], actor)
+        try:
+            text = await asyncio.to_thread(Path(self.config_path).read_text, "utf-8")
+            config = parse_config(text, source=self.config_path)
+        except ConfigError as exc:
+            return await self._reload_failed(exc.errors, actor)
+        except (OSError, UnicodeDecodeError) as exc:
+            return await self._reload_failed([f"{self.config_path}: cannot read: {exc}"], actor)
+        digest = config_digest(text)
         starts: list[tuple[str, str]] = []
         async with self._lock:
-            if self.config_path is None:
-                return await self._reload_failed(
-                    ["no config file to reload (embedded config)"], actor
-                )
-            try:
-                text = await asyncio.to_thread(Path(self.config_path).read_text, "utf-8")
-                config = parse_config(text, source=self.config_path)
-            except ConfigError as exc:
-                return await self._reload_failed(exc.errors, actor)
-            except (OSError, UnicodeDecodeError) as exc:
-                return await self._reload_failed([f"{self.config_path}: cannot read: {exc}"], actor)
-            digest = config_digest(text)
-            changed = digest != self.config_hash
             self.reloads["success"] += 1
+            if digest == self.config_hash:
+                # The file in force: nothing changes, nothing is recorded (SPEC §6), except
+                # that an edit rejected earlier is gone, which clears its error.
+                if self.last_reload_error is not None:
+                    self.last_reload_error = None
+                    self.events.record(
+                        actor, "reload", None, to=digest, reason="the rejected edit was undone"
+                    )
+                    await self.save()
+                return ReloadResult(ok=True, changed=False)
             self.last_reload_error = None
-            if changed:
-                old = self.config
-                self._adopt(config)
-                starts = self.rollouts.config_changed(old, config)
-                self.config_hash = digest
-                self.loaded_at = time.time()
-                # Listeners first: the health checker marks new endpoints unknown (no traffic
-                # until a check passes), so no table, pushed to workers or not, routes to them.
-                for listener in self.config_listeners:
-                    listener(config)
-                self.install()
-                await self.applied()
-                self.events.record(
-                    actor, "reload", None, to=digest, reason=_reload_reason(old, config)
-                )
-            else:
-                self.events.record(actor, "reload", None, to=digest, reason="file unchanged")
+            old = self.config
+            self._adopt(config)
+            starts = self.rollouts.config_changed(old, config)
+            self.config_hash = digest
+            self.loaded_at = time.time()
+            # Listeners first: the health checker marks new endpoints unknown (no traffic
+            # until a check passes), so no table, pushed to workers or not, routes to them.
+            for listener in self.config_listeners:
+                listener(config)
+            self.install()
+            await self.applied()
+            self.events.record(actor, "reload", None, to=digest, reason=_reload_reason(old, config))
             await self.save()
-            result = ReloadResult(ok=True, changed=changed)
         for service, reason in starts:
             await self._start_rollout(service, reason)
-        return result
+        return ReloadResult(ok=True, changed=True)
 
     async def _start_rollout(self, service: str, reason: str) -> None:
         try:
@@ -434,13 +493,14 @@ class ControlPlane:
             await self.save()
 
     async def _reload_failed(self, errors: list[str], actor: str) -> ReloadResult:
-        self.reloads["failure"] += 1
-        self.last_reload_error = errors
-        for line in errors:
-            log.error("reload rejected: %s", line)
-        self.events.record(actor, "reload_failed", None, reason="; ".join(errors[:5]))
-        await self.save()  # the decision record is kept in the state file (SPEC §6)
-        return ReloadResult(ok=False, errors=errors)
+        async with self._lock:
+            self.reloads["failure"] += 1
+            self.last_reload_error = errors
+            for line in errors:
+                log.error("reload rejected: %s", line)
+            self.events.record(actor, "reload_failed", None, reason="; ".join(errors[:5]))
+            await self.save()  # the decision record is kept in the state file (SPEC §6)
+            return ReloadResult(ok=False, errors=errors)
 
     def _adopt(self, config: Config) -> None:
         """Take a new config's services, keeping runtime weights where the file did not move."""
@@ -593,6 +653,16 @@ class ControlPlane:
 
     def close(self) -> None:
         self.rollouts.close()
+
+    def refuse_while_draining(self) -> None:
+        """ControlError 503 once the graceful stop began: the state file has had its last
+        word, so a change accepted now would be lost at the next start."""
+        if self.draining:
+            raise ControlError(
+                503,
+                "shutting down: changes are refused while the proxy drains; retry on the "
+                "process that replaces it",
+            )
 
     def _service(self, name: str) -> ServiceConfig:
         service = self.config.services.get(name)

@@ -6,6 +6,7 @@ state file) and written to the log as one JSON line each.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import time
@@ -18,8 +19,14 @@ from proxy.jsonfields import Unreadable, known_fields
 
 log = logging.getLogger("laneswitch.events")
 
-# Events kept in memory and in the state file; older ones are only in the JSON log.
+# Decisions (switch, weights, rollback, step, promote, pause, ...) kept in memory and in the
+# state file; older ones are only in the JSON log.
 MAX_EVENTS = 1000
+# Records that are not decisions (see NOISE_ACTIONS) have their own, smaller cap, so a storm of
+# them (a thousand SIGHUPs, a hook failing every interval) never pushes a decision out.
+MAX_NOISE_EVENTS = 200
+# Actions that record what happened without changing traffic or a rollout's course.
+NOISE_ACTIONS = frozenset({"reload", "reload_failed", "hold", "webhook"})
 
 ACTORS = ("auto", "admin", "config")
 
@@ -54,11 +61,19 @@ class Event:
 
 
 class EventLog:
-    """Numbered events, oldest first, at most MAX_EVENTS in memory."""
+    """Numbered events, oldest first: at most MAX_EVENTS decisions and, besides them, at most
+    MAX_NOISE_EVENTS records of NOISE_ACTIONS."""
 
     def __init__(self, events: Iterable[Event] = ()) -> None:
-        self._events: deque[Event] = deque(sorted(events, key=lambda e: e.id), maxlen=MAX_EVENTS)
-        self._next_id = (self._events[-1].id + 1) if self._events else 1
+        self._decisions: deque[Event] = deque(maxlen=MAX_EVENTS)
+        self._noise: deque[Event] = deque(maxlen=MAX_NOISE_EVENTS)
+        self._next_id = 1
+        for event in sorted(events, key=lambda e: e.id):
+            self._keep(event)
+
+    def _keep(self, event: Event) -> None:
+        (self._noise if event.action in NOISE_ACTIONS else self._decisions).append(event)
+        self._next_id = max(self._next_id, event.id + 1)
 
     def record(
         self,
@@ -84,20 +99,24 @@ class EventLog:
             values=values or {},
             thresholds=thresholds or {},
         )
-        self._next_id += 1
-        self._events.append(event)
+        self._keep(event)
         log.info("%s", json.dumps({"event": event.to_json()}, sort_keys=True))
         return event
 
     def since(self, event_id: int = 0) -> list[Event]:
         """Events with an id greater than `event_id`, oldest first."""
-        return [event for event in self._events if event.id > event_id]
+        merged = heapq.merge(self._decisions, self._noise, key=lambda e: e.id)
+        return [event for event in merged if event.id > event_id]
 
     def last(self, service: str) -> Event | None:
-        for event in reversed(self._events):
-            if event.service == service:
-                return event
-        return None
+        found: Event | None = None
+        for kept in (self._decisions, self._noise):
+            for event in reversed(kept):
+                if event.service == service:
+                    if found is None or event.id > found.id:
+                        found = event
+                    break
+        return found
 
     def __len__(self) -> int:
-        return len(self._events)
+        return len(self._decisions) + len(self._noise)

@@ -189,7 +189,8 @@ class Server:
             self.health.configure(targets_from_config(config))
 
     async def _reload_from_file(self) -> None:
-        await self.control.reload(actor="config")
+        if not self.control.draining:
+            await self.control.reload(actor="config")
 
     def _sample_window(self) -> None:
         self.control.window.sample()
@@ -286,8 +287,16 @@ async def serve_until_signalled(server: Server) -> None:
             log.warning("second signal: stopping now")
             server.kill_now()
 
+    reloads: set[asyncio.Task[object]] = set()  # referenced until done (asyncio keeps weak ones)
+
     def on_hangup() -> None:
-        server.loop.create_task(server.control.reload(actor="admin"))
+        if server.control.draining:
+            log.info("SIGHUP ignored: the proxy is draining")
+            return
+        # Coalesced by the control plane: a burst of signals is at most two reloads.
+        task: asyncio.Task[object] = server.loop.create_task(server.control.reload(actor="admin"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         server.loop.add_signal_handler(signum, on_signal, signum)

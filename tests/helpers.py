@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
+import signal
 import socket
 import struct
 import sys
@@ -765,3 +767,55 @@ async def served_by(port: int, requests: int = 20) -> set[bytes]:
         return seen
     finally:
         await client.close()
+
+
+@dataclass
+class LaneswitchProcess:
+    """`laneswitch run -c FILE` in its own process, with the ports it printed."""
+
+    process: asyncio.subprocess.Process
+    port: int  # the first data listener
+    admin_url: str
+
+    @property
+    def stderr(self) -> asyncio.StreamReader:
+        assert self.process.stderr is not None
+        return self.process.stderr
+
+    async def stop(self, timeout: float = 15) -> int:
+        """SIGTERM (if still running); the exit status."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), timeout)
+
+
+async def wait_for_line(stream: asyncio.StreamReader, pattern: str, timeout: float = 15) -> str:
+    """The first line of `stream` matching `pattern` (lines before it are consumed)."""
+    regex = re.compile(pattern)
+    async with asyncio.timeout(timeout):
+        while True:
+            line = (await stream.readline()).decode()
+            if not line:
+                raise AssertionError(f"process ended before printing {pattern!r}")
+            if regex.search(line):
+                return line
+
+
+async def start_laneswitch(config: Path) -> LaneswitchProcess:
+    """Run the proxy of `config` (listen and admin on 127.0.0.1 port 0) until it listens."""
+    process = await asyncio.create_subprocess_exec(
+        *laneswitch_command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    try:
+        line = await wait_for_line(process.stderr, r"admin API on 127\.0\.0\.1:(\d+)")
+        admin = re.search(r"127\.0\.0\.1:(\d+)", line)
+        line = await wait_for_line(process.stderr, r"listening on 127\.0\.0\.1:(\d+)")
+        data = re.search(r"127\.0\.0\.1:(\d+)", line)
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        raise
+    assert admin is not None and data is not None
+    return LaneswitchProcess(process, int(data.group(1)), f"http://127.0.0.1:{admin.group(1)}")

@@ -196,6 +196,7 @@ async def rollback(request: web.Request) -> web.Response:
 
 
 async def rollout(request: web.Request) -> web.Response:
+    request.app[CONTROL].refuse_while_draining()
     result = await request.app[CONTROL].rollouts.command(
         request.match_info["svc"], request.match_info["action"], actor=ACTOR
     )
