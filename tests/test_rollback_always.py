@@ -15,6 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
+from tests.helpers import Client, get
 from tests.test_admin import admin_proxy
 from tests.test_rollout import (
     INTERVAL,
@@ -159,3 +162,60 @@ async def test_a_hook_that_never_answers_delays_the_rollback_by_at_most_an_inter
             assert took <= (threshold + 1) * INTERVAL + 1.0, took
             assert proxy.weights() == {"stable": 100, "canary": 0}
             assert actions(proxy.server).count("rollback") == 1
+
+
+@pytest.mark.parametrize("with_hook", [False, True], ids=["analysis", "analysis-and-stalled-hook"])
+async def test_a_canary_that_never_answers_is_rolled_back_though_its_clients_give_up_first(
+    tmp_path: Path, with_hook: bool
+) -> None:
+    """The worst case of promise 6: the canary accepts requests and never answers, its clients
+    give up long before `timeouts.response` (but after the latency limit), and the gating
+    `rollout` hook never answers either."""
+    threshold = 2
+    async with (
+        stalled_hook() as hook,
+        stalled_hook() as silent_canary,
+        two_upstreams() as (stable, _),
+    ):
+        endpoint = silent_canary.url.removeprefix("http://")
+        text = canary_config(
+            stable.endpoint,
+            endpoint,
+            steps="[50]",
+            threshold=threshold,
+            min_requests=3,
+            webhooks=hook_entry(hook.url, "rollout") if with_hook else "[]",
+        ).replace("latency_p99: {max: 1s}", "latency_p99: {max: 200ms}")
+        async with admin_proxy(tmp_path, text) as proxy:
+            stop = asyncio.Event()
+            outcomes: list[str] = []
+
+            async def impatient_client() -> None:
+                while not stop.is_set():
+                    client = await Client.connect(proxy.proxy_port)
+                    try:
+                        response = await asyncio.wait_for(client.request(get("/")), 0.4)
+                        outcomes.append(str(response.status))
+                    except TimeoutError:
+                        outcomes.append("gave up")
+                    finally:
+                        await client.close()
+
+            clients = [asyncio.create_task(impatient_client()) for _ in range(8)]
+            try:
+                began = time.monotonic()
+                await start(proxy)
+                await phase_is(proxy.server.control, "rolled_back", timeout=15)
+                took = time.monotonic() - began
+            finally:
+                stop.set()
+                await asyncio.gather(*clients)
+            assert took <= (threshold + 1) * INTERVAL + 1.0, took
+            assert proxy.weights() == {"stable": 100, "canary": 0}
+            assert "gave up" in outcomes  # the canary was never seen answering
+            [rollback] = [e for e in proxy.server.control.events.since(0) if e.action == "rollback"]
+            assert rollback.actor == "auto" and "failed checks" in rollback.reason
+            if not with_hook:
+                assert "success rate 0.00%" in rollback.reason
+            timeouts = proxy.server.control.stats.peek("shop", "canary").upstream_errors["timeout"]
+            assert timeouts >= 3

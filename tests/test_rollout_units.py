@@ -141,13 +141,17 @@ services:
       threshold: 2
       min_requests: 5
       progress_deadline: 3s
+      progress_deadline_action: ACTION
       promotion: PROMOTION
       metrics: {success_rate: {min: 99}}
 """
 
 
-def service(promotion: str = "auto") -> tuple[ServiceConfig, CanaryRollout]:
-    config = parse_config(SERVICE_YAML.replace("PROMOTION", promotion), env={})
+def service(
+    promotion: str = "auto", deadline_action: str = "rollback"
+) -> tuple[ServiceConfig, CanaryRollout]:
+    text = SERVICE_YAML.replace("PROMOTION", promotion).replace("ACTION", deadline_action)
+    config = parse_config(text, env={})
     shop = config.services["shop"]
     assert isinstance(shop.rollout, CanaryRollout)
     return shop, shop.rollout
@@ -196,8 +200,25 @@ def test_manual_promotion_waits_at_the_last_step_and_still_judges() -> None:
     assert out.state.phase == "promoting" and out.again
 
 
-def test_inconclusive_holds_then_pauses_at_the_deadline() -> None:
+def test_inconclusive_holds_then_rolls_back_at_the_deadline() -> None:
     shop, rollout = service()
+    state = RolloutState(phase="progressing", step=1)
+    weights = {"stable": 90, "canary": 10}
+    empty = analyse(Measured.of(None), Measured.of(None), METRICS, 5)
+    out = controller.tick(state, rollout, shop, weights, Observation(1.0, 0.0, empty))
+    assert out.decisions[0].action == "hold"
+    out = controller.tick(out.state, rollout, shop, weights, Observation(2.0, 1.0, empty))
+    assert out.state.phase == "progressing"
+    out = controller.tick(out.state, rollout, shop, weights, Observation(3.0, 2.0, empty))
+    assert out.state.phase == "rolled_back"
+    [decision] = out.decisions
+    assert decision.action == "rollback" and decision.rollback == "progress_deadline"
+    assert "progress deadline 3s" in decision.reason
+    assert decision.weights == {"stable": 100, "canary": 0}
+
+
+def test_inconclusive_holds_then_pauses_at_the_deadline_when_told_to() -> None:
+    shop, rollout = service(deadline_action="pause")
     state = RolloutState(phase="progressing", step=1)
     weights = {"stable": 90, "canary": 10}
     empty = analyse(Measured.of(None), Measured.of(None), METRICS, 5)

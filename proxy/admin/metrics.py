@@ -29,7 +29,7 @@ from proxy.workers import WorkerPool
 
 SV = ["service", "version"]
 # Reasons of `laneswitch_rollbacks_total`, exported from zero so rate() works from the start.
-ROLLBACK_REASONS = ("failed_checks", "abort", "manual")
+ROLLBACK_REASONS = ("failed_checks", "progress_deadline", "abort", "manual")
 # The `le` labels never change: format them once (repr of a float is what Prometheus' own
 # histograms write for bounds like these: "0.005", "1.0", "30.0").
 _BUCKET_BOUNDS: tuple[str, ...] = (*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf")
@@ -171,7 +171,7 @@ class LaneswitchCollector(Collector):
                     analysis.add_metric([service_name, who, metric], value)
         rollbacks = CounterMetricFamily(
             "laneswitch_rollbacks",
-            "Rollbacks, by reason (failed_checks: automatic; abort, manual: a person).",
+            "Rollbacks, by reason (failed_checks, progress_deadline: automatic; abort, manual: a person).",
             labels=["service", "reason"],
         )
         counted = control.rollouts.rollbacks

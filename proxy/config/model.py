@@ -514,7 +514,9 @@ class CanaryRollout(_Model):
     min_requests: int = Field(default=50, ge=1)
     """Fewer canary requests in an interval -> inconclusive: hold."""
     progress_deadline: Duration = Field(default=600.0, gt=0)
-    """Inconclusive this long -> pause and wait for a person."""
+    """Inconclusive this long -> progress_deadline_action."""
+    progress_deadline_action: Literal["rollback", "pause"] = "rollback"
+    """At the progress deadline: roll back, or pause and wait for a person."""
     promotion: Literal["auto", "manual"] = "auto"
     """auto: promote after the last step; manual: wait for `laneswitch rollout promote`."""
     metrics: RolloutMetrics
@@ -587,6 +589,10 @@ class BlueGreenRollout(_Model):
     """Failed analyses (cumulative in a run) that trigger a rollback."""
     min_requests: int = Field(default=20, ge=1)
     """Fewer requests to the judged version in an interval -> inconclusive: hold."""
+    progress_deadline: Duration = Field(default=600.0, gt=0)
+    """Inconclusive this long -> progress_deadline_action."""
+    progress_deadline_action: Literal["rollback", "pause"] = "rollback"
+    """At the progress deadline: roll back, or pause and wait for a person."""
     metrics: RolloutMetrics
     pre_switch: list[PreSwitchCheck] = []
     """Requests sent to the preview before the switch; any unexpected answer holds it."""

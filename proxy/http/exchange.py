@@ -550,6 +550,28 @@ class Exchange:
         if parsing is None or parsing is self or parsing.body_buffered <= MAX_BUFFERED_BODY:
             self.proto.gate_resume(BODY_BUFFER_FULL)
 
+    def settle_client_abort(self) -> None:
+        """The client went away before this exchange ended. A client abort never counts
+        against the version, except one that came after waiting longer than the latency limit
+        for a response head that never came: a version that stops answering must be seen even
+        when its clients give up first. That wait is a timeout (504, the answer the proxy gives
+        at its own limit) with its duration in the latency histogram."""
+        stats = self.stats
+        if stats is None or self.done:
+            self.settle(None)
+            return
+        route = self.route
+        limit = route.unanswered_limit if route is not None else 0.0
+        if not limit:
+            limit = self.proto.settings.response_timeout
+        if not self.response_started and time.monotonic() - self.started_at > limit:
+            failure = Failure.UPSTREAM_TIMEOUT
+            stats.upstream_errors[failure.upstream_kind or "timeout"] += 1
+            self.settle(failure.status)
+            return
+        stats.client_aborts += 1
+        self.settle(None)
+
     def settle(self, status: int | None) -> float:
         """Record the outcome once: the status sent, or None when no answer was completed.
         Returns the time it was recorded (monotonic), for the caller's next deadline.

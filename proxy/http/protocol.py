@@ -238,9 +238,7 @@ class DownstreamProtocol(asyncio.Protocol):
         active = self.active
         if active is not None and not active.done:
             active._drop_upstream()
-            if active.stats is not None:
-                active.stats.client_aborts += 1
-            active.settle(None)
+            active.settle_client_abort()
         for queued in self.pipeline:
             queued.done = True
         self.pipeline.clear()

@@ -33,7 +33,6 @@ RUNNING = frozenset({"progressing", "paused", "promoting"})
 
 # Blue-green has no progress_deadline field: holding (no conclusive analysis) this long during
 # the bake pauses it, as a canary's default deadline would.
-BLUE_GREEN_PROGRESS_DEADLINE = 600.0
 
 
 class TransitionRefused(Exception):
@@ -153,9 +152,7 @@ def step_count(rollout: Rollout) -> int:
 
 
 def progress_deadline(rollout: Rollout) -> float:
-    if isinstance(rollout, CanaryRollout):
-        return rollout.progress_deadline
-    return BLUE_GREEN_PROGRESS_DEADLINE
+    return rollout.progress_deadline
 
 
 def fingerprint(service: ServiceConfig, rollout: Rollout) -> str:
@@ -399,8 +396,23 @@ def _judge_step(
         if held >= deadline - 1e-6:
             reason = (
                 f"no conclusive analysis for {held:.0f}s (progress deadline {deadline:g}s): "
-                f"{analysis.reason}; waiting for a person (resume, promote or abort)"
+                f"{analysis.reason}"
             )
+            if rollout.progress_deadline_action == "rollback":
+                # Holding would leave an unproven version its weight indefinitely; a version
+                # that stopped answering looks inconclusive when its clients give up first.
+                return _roll_back(
+                    state,
+                    rollout,
+                    service,
+                    weights,
+                    obs.now,
+                    reason,
+                    dict(analysis.values),
+                    dict(analysis.thresholds),
+                    "progress_deadline",
+                )
+            reason += "; waiting for a person (resume, promote or abort)"
             new = replace(state, phase="paused", paused_from="progressing", reason=reason)
             decision = Decision(
                 "pause", reason, values=analysis.values, thresholds=analysis.thresholds
@@ -548,7 +560,6 @@ def _failed_check(
         values["checks"] = _checks_json(obs.checks)
     thresholds = dict(analysis.thresholds) if analysis is not None else _thresholds(rollout)
     thresholds["threshold"] = rollout.threshold
-    candidate, baseline = roles(rollout)
     if failed < rollout.threshold:
         decision = Decision(
             "check_failed",
@@ -557,8 +568,27 @@ def _failed_check(
             thresholds=thresholds,
         )
         return Outcome(_decided(state, decision, obs.now), (decision,))
-    target = weights_with(service, weights, candidate, baseline, 0)
     reason = f"{failed} failed checks (threshold {rollout.threshold}): {why}"
+    return _roll_back(
+        state, rollout, service, weights, obs.now, reason, values, thresholds, "failed_checks"
+    )
+
+
+def _roll_back(
+    state: RolloutState,
+    rollout: Rollout,
+    service: ServiceConfig,
+    weights: Mapping[str, int],
+    now: float,
+    reason: str,
+    values: dict[str, Any],
+    thresholds: dict[str, Any],
+    kind: str,
+) -> Outcome:
+    """The run ends: the candidate back to weight 0 at once, phase rolled_back, no retry.
+    `kind` is the reason label of laneswitch_rollbacks_total."""
+    candidate, baseline = roles(rollout)
+    target = weights_with(service, weights, candidate, baseline, 0)
     new = replace(state, phase="rolled_back", reason=reason, awaiting_promotion=False)
     decision = Decision(
         "rollback",
@@ -567,9 +597,9 @@ def _failed_check(
         values=values,
         thresholds=thresholds,
         notify="rollback",
-        rollback="failed_checks",
+        rollback=kind,
     )
-    return Outcome(_decided(new, decision, obs.now), (decision,))
+    return Outcome(_decided(new, decision, now), (decision,))
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ def build_service(
             force_values[b"always"] = index[canary]
             force_values[b"never"] = index[stable]
     sticky = service.sticky
+    latency = service.rollout.metrics.latency_p99 if service.rollout is not None else None
     return ServiceRoute(
         name=name,
         host=service.match.host.lower().encode(),
@@ -93,6 +94,7 @@ def build_service(
         force_cookie=_raw(force.cookie) if force is not None else None,
         force_values=force_values,
         version_header=service.version_header.encode() if service.version_header else None,
+        unanswered_limit=latency.max if latency is not None else 0.0,
     )
 
 

@@ -86,6 +86,9 @@ class ServiceRoute:
     force_cookie: bytes | None = None
     force_values: dict[bytes, int] = field(default_factory=dict)  # value -> version index
     version_header: bytes | None = None
+    # Seconds a client may wait for a response head before giving up counts against the
+    # version as a timeout (the rollout's latency limit); 0: the response timeout.
+    unanswered_limit: float = 0.0
     cursor: Cursor = field(default_factory=Cursor, compare=False)
 
     def version(self, name: str) -> VersionRoute | None:
