@@ -171,7 +171,8 @@ class LaneswitchCollector(Collector):
                     analysis.add_metric([service_name, who, metric], value)
         rollbacks = CounterMetricFamily(
             "laneswitch_rollbacks",
-            "Rollbacks, by reason (failed_checks, progress_deadline: automatic; abort, manual: a person).",
+            "Rollbacks, by reason (automatic: failed_checks, progress_deadline; by a person: "
+            "abort, manual).",
             labels=["service", "reason"],
         )
         counted = control.rollouts.rollbacks
