@@ -148,9 +148,11 @@ def test_a_leader_stops_deciding_well_before_its_lease_can_pass() -> None:
     assert not lead.deciding(0.0)
     lead.acquired(epoch=4, sent_at=100.0)
     assert lead.deciding(101.0)
-    assert lead.renew_every * 2 < 5.0 * 0.6  # two renewals can fail before it stops
+    assert lead.renew_every * 3 < 5.0 * 0.5  # three renewals can fail before it stops
     lead.renewed(sent_at=101.0)
-    assert lead.deciding(103.9)
-    assert not lead.deciding(104.0) and lead.expired(104.0)  # 101 + 0.6 x 5, lease to 106
+    assert lead.deciding(103.4)
+    # It stops at 101 + 0.5 x 5; its key lives at least until 101 + 0.8 x 5: 1.5 s apart.
+    assert not lead.deciding(103.5) and lead.expired(103.5)
+    assert lead.ttl == 4.0
     lead.lost()
     assert lead.epoch is None and not lead.deciding(101.0)

@@ -59,6 +59,9 @@ POLL_INTERVAL = 0.5
 # How often a member reports its counters and its heartbeat (seconds; at most lease / 5).
 REPORT_INTERVAL = 0.5
 HEARTBEAT_INTERVAL = 1.0
+# After the holder's lease key expires, a member tries to take it this much later (seconds):
+# a little, so members do not all hit the store at the same millisecond.
+ACQUIRE_SLACK = 0.01
 # How often a change's caller looks at the members' applied generations (seconds).
 ACK_POLL = 0.02
 # Pause between attempts to reach a store that is down (seconds).
@@ -112,6 +115,9 @@ class FleetCoordinator(StateBackend):
         self._marks: dict[str, tuple[float, int]] = {}
         self._sent: dict[tuple[str, str], StatsSnapshot] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Local events never to write: decisions of a leader whose write was fenced.
+        self._dropped: set[int] = set()
+        self.epoch_seen = 0  # highest fencing epoch seen, kept when re-seeding an empty store
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -288,14 +294,18 @@ class FleetCoordinator(StateBackend):
         """Write what changed locally (shared state, new events) to the store."""
         control = self.control
         state = _normal(control.fleet_state())
-        events = [self._event_json(e.to_json()) for e in control.events.since(self.pushed)]
+        events = [
+            self._event_json(e.to_json())
+            for e in control.events.since(self.pushed)
+            if e.id not in self._dropped
+        ]
         last = self._last_local_event()
         changed = state != self.synced
         if not changed and not events:
             return
-        if not self.store_up:
-            # Written on reconnect (`_reconcile`); a member that never reached the store
-            # takes the fleet's state when it does.
+        if not self.store_up or self.dirty:
+            # Written on reconnect (`_reconcile`, then the events); a member that never
+            # reached the store takes the fleet's state when it does.
             self.dirty = self.dirty or (changed and self.synced is not None)
             return
         try:
@@ -307,9 +317,25 @@ class FleetCoordinator(StateBackend):
             )
         except WriteRefused as exc:
             self.refusals += 1
+            log.warning("%s: %s", self.member, exc)
+            if exc.kind == "fenced":
+                # Not the leader any more: its decisions never happened in the fleet; what
+                # people did on this member (a rollback, a reload) is written without a fence.
+                self._lost("a write was refused: the lease is another member's")
+                decisions = {
+                    e["id"]
+                    for e in events
+                    if e.get("actor") == "auto" and e.get("action") != "leader"
+                }
+                self._dropped.update(decisions)
+                if not decisions:  # nothing of it was a leader's decision: write it again
+                    asyncio.get_running_loop().create_task(self.saved())
+                    return
+                self.pushed = last
+                asyncio.get_running_loop().create_task(self._resync_quietly())
+                return
             self.pushed = last  # the events of a refused change never happened in the fleet
             self._refused = exc
-            log.warning("%s: %s", self.member, exc)
             asyncio.get_running_loop().create_task(self._resync_quietly())
             return
         except StoreUnavailable as exc:
@@ -352,7 +378,10 @@ class FleetCoordinator(StateBackend):
             log.info("%s: fleet store reachable", self.member)
             self.control.rollouts.fleet_changed(None)
         if generation is None:
-            await self._seed()
+            await self._seed()  # a member's seed (ours, or one that came first)
+            generation = self.store_generation
+        if generation is None:
+            pass
         elif self.dirty:
             await self._reconcile()
         elif generation != self.applied:
@@ -383,9 +412,12 @@ class FleetCoordinator(StateBackend):
         if not events:
             events = [self._event_json(e.to_json()) for e in self.control.events.since(0)]
             self.pushed = self._last_local_event()
-        generation = max(self.applied, 1)
+        # A generation no member applied yet, so every member reads the seeded state.
+        generation = self.applied + 1
         async with self._write_lock:
-            seeded = await self.store.seed(generation, {**state, WRITTEN_AT: time.time()}, events)
+            seeded = await self.store.seed(
+                generation, {**state, WRITTEN_AT: time.time()}, events, epoch=self.epoch_seen
+            )
         if seeded:
             log.warning(
                 "%s: the fleet store was empty: seeded it (generation %d)", self.member, generation
@@ -478,7 +510,7 @@ class FleetCoordinator(StateBackend):
                     self._lost("could not renew the lease in time")
                     continue
                 try:
-                    ours = await self.store.extend(self.lease_value, self.lease)
+                    ours = await self.store.extend(self.lease_value, lead.ttl)
                 except StoreUnavailable:
                     ours = None
                 if ours:
@@ -488,16 +520,20 @@ class FleetCoordinator(StateBackend):
                     continue
                 await asyncio.sleep(lead.renew_every)
             else:
+                wait = lead.acquire_every
                 if self.store_up:
                     with contextlib.suppress(StoreUnavailable):
-                        epoch = await self.store.acquire(self.lease_value, self.lease)
+                        epoch, left = await self.store.try_acquire(self.lease_value, lead.ttl)
                         if epoch:
                             await self._became_leader(epoch, sent)
                             continue
-                await asyncio.sleep(lead.acquire_every)
+                        # Try again right when the holder's key expires, if sooner.
+                        wait = min(wait, left + ACQUIRE_SLACK)
+                await asyncio.sleep(wait)
 
     async def _became_leader(self, epoch: int, sent: float) -> None:
         self.leadership.acquired(epoch, sent)
+        self.epoch_seen = max(self.epoch_seen, epoch)
         self.leader_id = self.member
         log.warning("%s leads the fleet %s (epoch %d)", self.member, self.config.name, epoch)
         # Decide from the fleet's state, not from what this member last saw.
@@ -541,6 +577,7 @@ class FleetCoordinator(StateBackend):
             await self.store.heartbeat(self.member, info)
             self.members = await self.store.members()
             self.leader_id = await self.store.leader()
+            self.epoch_seen = max(self.epoch_seen, await self.store.epoch())
         except StoreUnavailable as exc:
             self._store_down(exc)
 

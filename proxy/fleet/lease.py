@@ -1,22 +1,28 @@
 """Leadership as this member sees it: pure arithmetic over a monotonic clock, no I/O.
 
-The lease key lives in the store with a TTL of `lease`; it is renewed every `lease` *
-RENEW_FRACTION. The store's TTL starts when a renewal *arrives*, which is after it was sent,
-so the lease is ours at least until `sent + lease`. We stop deciding earlier, at `sent + lease
-* DECIDE_FRACTION`, so a member that is slowed, paused or cut off stops before another member
-can take the lease (argo-rollouts #2117); the fencing number refuses a late write anyway.
+The lease key lives in the store with a TTL of `lease` * TTL_FRACTION, so a dead leader's key
+is gone, and another member has it, within `lease` of the death (`lease` is the operator's
+bound). It is renewed every `lease` * RENEW_FRACTION. The store's TTL starts when a renewal
+*arrives*, which is after it was sent, so the lease is ours at least until `sent + ttl`. We
+stop deciding earlier, at `sent + lease * DECIDE_FRACTION`, so a member that is slowed, paused
+or cut off stops before another member can take the lease (argo-rollouts #2117); the fencing
+number refuses a late write anyway.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The lease key's TTL in the store (fraction of `lease`): the rest of `lease` is for another
+# member to notice it expired and take it.
+TTL_FRACTION = 0.8
 # Renew this often (fraction of the lease): two renewals can fail before we stop deciding.
-RENEW_FRACTION = 0.2
-# A leader decides until this fraction of the lease after the last renewal it sent.
-DECIDE_FRACTION = 0.6
-# A member that does not lead tries to take the lease this often (fraction of the lease), so a
-# dead leader is replaced within `lease` of its last renewal.
+RENEW_FRACTION = 0.15
+# A leader decides until this fraction of the lease after the last renewal it sent: well
+# before the key can expire (TTL_FRACTION).
+DECIDE_FRACTION = 0.5
+# A member that does not lead tries to take the lease at least this often (fraction of the
+# lease), and right when the holder's key expires.
 ACQUIRE_FRACTION = 0.2
 
 
@@ -47,6 +53,11 @@ class Leadership:
     def expired(self, now: float) -> bool:
         """We held the lease but could not renew it in time: give it up."""
         return self.epoch is not None and now >= self.decide_until
+
+    @property
+    def ttl(self) -> float:
+        """The lease key's TTL in the store (seconds)."""
+        return self.lease * TTL_FRACTION
 
     @property
     def renew_every(self) -> float:

@@ -25,11 +25,12 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 # Events kept in the store (oldest dropped first), as in a member's own log.
@@ -41,6 +42,9 @@ CALL_TIMEOUT = 1.0
 # Counts windows expire this long after their last increment: longer than any interval that
 # sums them (an interval longer than this sees only its last hour).
 COUNTS_TTL = 3600
+
+# Retries of a call whose pooled connection turned out to be closed (see `FleetStore`).
+RECONNECT_RETRIES = 1
 
 T = TypeVar("T")
 
@@ -74,12 +78,13 @@ class MemberRecord:
     age: float | None  # seconds since its last heartbeat, by the store's clock
 
 
-# KEYS: lease, epoch. ARGV: value, lease ms. The epoch when taken, else 0.
+# KEYS: lease, epoch. ARGV: value, lease ms. The epoch when taken, else minus the holder's
+# remaining ms (so the caller can try again right when it expires).
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
 end
-return 0
+return -math.max(redis.call('PTTL', KEYS[1]), 0)
 """
 # KEYS: lease. ARGV: value, lease ms. 1 extended, 0 not ours.
 _EXTEND = """
@@ -137,8 +142,9 @@ end
 return {current, unpack(ids)}
 """
 )
-# KEYS: gen, state, events, event_id. ARGV: gen, state JSON, least event id, channel, events
-# (JSON with their ids)... Only into an empty store (restarted or never used): 1 seeded, 0 not.
+# KEYS: gen, state, events, event_id, epoch. ARGV: gen, state JSON, least event id, channel,
+# least epoch, events (JSON with their ids)... Only into an empty store (restarted or never
+# used): 1 seeded, 0 not. The id and epoch sequences go on from where the members saw them.
 _SEED = f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
@@ -146,7 +152,10 @@ redis.call('SET', KEYS[2], ARGV[2])
 if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[3]) then
   redis.call('SET', KEYS[4], ARGV[3])
 end
-for i = 5, #ARGV do
+if tonumber(redis.call('GET', KEYS[5]) or '0') < tonumber(ARGV[5]) then
+  redis.call('SET', KEYS[5], ARGV[5])
+end
+for i = 6, #ARGV do
   local event = cjson.decode(ARGV[i])
   redis.call('ZADD', KEYS[3], event['id'], ARGV[i])
 end
@@ -218,12 +227,24 @@ class FleetStore:
     def key(self, name: str) -> str:
         return self.prefix + name
 
-    async def _call(self, call: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await call
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"fleet store unavailable: {exc or type(exc).__name__}") from exc
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()` within the timeout; once more at once if its pooled connection turned out
+        to be closed (every pooled connection is, after the store restarted). A write that
+        did reach the store before its connection broke is refused as stale the second time:
+        generations make a retry safe."""
+        for attempt in range(1 + RECONNECT_RETRIES):
+            try:
+                async with asyncio.timeout(self.timeout):
+                    return await call()
+            except RedisConnectionError as exc:
+                if attempt < RECONNECT_RETRIES:
+                    continue
+                raise StoreUnavailable(f"fleet store unavailable: {exc}") from exc
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise StoreUnavailable(
+                    f"fleet store unavailable: {exc or type(exc).__name__}"
+                ) from exc
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -232,16 +253,16 @@ class FleetStore:
     # -- the state ---------------------------------------------------------------------------
 
     async def ping(self) -> None:
-        await self._call(self.redis.ping())
+        await self._call(lambda: self.redis.ping())
 
     async def generation(self) -> int | None:
         """The state's generation; None when the store holds no state (new or restarted)."""
-        raw = await self._call(self.redis.get(self.key("gen")))
+        raw = await self._call(lambda: self.redis.get(self.key("gen")))
         return None if raw is None else int(raw)
 
     async def read(self) -> tuple[int, dict[str, Any]] | None:
         """(generation, state), read together; None when the store holds no state."""
-        gen, state = await self._call(self.redis.mget([self.key("gen"), self.key("state")]))
+        gen, state = await self._call(lambda: self.redis.mget([self.key("gen"), self.key("state")]))
         if gen is None or state is None:
             return None
         data = json.loads(state)
@@ -268,7 +289,7 @@ class FleetStore:
             self.channel,
             *(event_payload(e) for e in events),
         ]
-        answer = await self._call(self._commit(keys=self._state_keys(), args=args))
+        answer = await self._call(lambda: self._commit(keys=self._state_keys(), args=args))
         first = int(answer[0])
         if first == -1:
             raise WriteRefused("stale", int(answer[1]))
@@ -277,48 +298,67 @@ class FleetStore:
         return first, [int(i) for i in answer[1:]]
 
     async def seed(
-        self, generation: int, state: Mapping[str, Any], events: Sequence[Mapping[str, Any]]
+        self,
+        generation: int,
+        state: Mapping[str, Any],
+        events: Sequence[Mapping[str, Any]],
+        epoch: int = 0,
     ) -> bool:
-        """Put a member's applied state into an empty store, keeping its generation and event
-        ids; False when the store is not empty (another member seeded it first)."""
+        """Put a member's applied state into an empty store, keeping its generation, event
+        ids and the fencing epoch it last saw; False when the store is not empty (another
+        member seeded it first)."""
         last = max((int(e["id"]) for e in events), default=0)
         args: list[Any] = [
             generation,
             json.dumps(state, sort_keys=True),
             last,
             self.channel,
+            epoch,
             *(json.dumps(dict(e)) for e in events),
         ]
-        keys = [self.key(k) for k in ("gen", "state", "events", "event_id")]
-        return bool(await self._call(self._seed(keys=keys, args=args)))
+        keys = [self.key(k) for k in ("gen", "state", "events", "event_id", "epoch")]
+        return bool(await self._call(lambda: self._seed(keys=keys, args=args)))
 
     async def events_since(self, since: int, limit: int = MAX_EVENTS) -> list[dict[str, Any]]:
         raw = await self._call(
-            self.redis.zrangebyscore(self.key("events"), f"({since}", "+inf", start=0, num=limit)
+            lambda: self.redis.zrangebyscore(
+                self.key("events"), f"({since}", "+inf", start=0, num=limit
+            )
         )
         return [json.loads(str(item)) for item in raw]
 
     async def last_event_id(self) -> int:
-        raw = await self._call(self.redis.get(self.key("event_id")))
+        raw = await self._call(lambda: self.redis.get(self.key("event_id")))
         return int(raw) if raw is not None else 0
 
     # -- the lease ---------------------------------------------------------------------------
 
     async def acquire(self, value: str, lease: float) -> int:
         """The new epoch when the lease was free and is now `value`'s, else 0."""
+        epoch, _ = await self.try_acquire(value, lease)
+        return epoch
+
+    async def try_acquire(self, value: str, lease: float) -> tuple[int, float]:
+        """(the new epoch, 0) when the lease was free and is now `value`'s, else (0, seconds
+        until the holder's lease expires unless renewed)."""
         keys = [self.key("lease"), self.key("epoch")]
-        return int(await self._call(self._acquire(keys=keys, args=[value, _ms(lease)])))
+        answer = int(await self._call(lambda: self._acquire(keys=keys, args=[value, _ms(lease)])))
+        return (answer, 0.0) if answer > 0 else (0, -answer / 1000)
 
     async def extend(self, value: str, lease: float) -> bool:
         keys = [self.key("lease")]
-        return bool(await self._call(self._extend(keys=keys, args=[value, _ms(lease)])))
+        return bool(await self._call(lambda: self._extend(keys=keys, args=[value, _ms(lease)])))
 
     async def release(self, value: str) -> bool:
-        return bool(await self._call(self._release(keys=[self.key("lease")], args=[value])))
+        return bool(await self._call(lambda: self._release(keys=[self.key("lease")], args=[value])))
+
+    async def epoch(self) -> int:
+        raw = await self._call(lambda: self.redis.get(self.key("epoch")))
+        return int(raw) if raw is not None else 0
 
     async def leader(self) -> str | None:
         """The member holding the lease, if any."""
-        raw = await self._call(self.redis.get(self.key("lease")))
+        raw = await self._call(lambda: self.redis.get(self.key("lease")))
         return str(raw).split("\n", 1)[0] if raw else None
 
     # -- members -----------------------------------------------------------------------------
@@ -330,11 +370,11 @@ class FleetStore:
             json.dumps(info, sort_keys=True),
             _ms(MEMBER_FORGET_AFTER),
         ]
-        await self._call(self._heartbeat(keys=keys, args=args))
+        await self._call(lambda: self._heartbeat(keys=keys, args=args))
 
     async def members(self) -> list[MemberRecord]:
         keys = [self.key("members"), self.key("seen")]
-        now, infos, seen = await self._call(self._members(keys=keys, args=[]))
+        now, infos, seen = await self._call(lambda: self._members(keys=keys, args=[]))
         last = {seen[i]: int(seen[i + 1]) for i in range(0, len(seen), 2)}
         found = []
         for i in range(0, len(infos), 2):
@@ -355,20 +395,28 @@ class FleetStore:
         if not fields:
             return
         key = self.key(f"counts:{window}")
-        pipe = self.redis.pipeline(transaction=False)
-        for name, value in fields.items():
-            pipe.hincrby(key, name, value)
-        pipe.expire(key, COUNTS_TTL)
-        await self._call(pipe.execute())
+
+        def send() -> Awaitable[list[Any]]:
+            pipe = self.redis.pipeline(transaction=False)
+            for name, value in fields.items():
+                pipe.hincrby(key, name, value)
+            pipe.expire(key, COUNTS_TTL)
+            return pipe.execute()
+
+        await self._call(send)
 
     async def counts(self, first: int, last: int) -> list[dict[str, str]]:
         """The counts of windows first..last-1."""
         if last <= first:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for window in range(max(first, last - COUNTS_TTL), last):
-            pipe.hgetall(self.key(f"counts:{window}"))
-        answers: list[dict[str, str]] = await self._call(pipe.execute())
+
+        def send() -> Awaitable[list[Any]]:
+            pipe = self.redis.pipeline(transaction=False)
+            for window in range(max(first, last - COUNTS_TTL), last):
+                pipe.hgetall(self.key(f"counts:{window}"))
+            return pipe.execute()
+
+        answers: list[dict[str, str]] = await self._call(send)
         return answers
 
     # -- change notices ----------------------------------------------------------------------
@@ -378,7 +426,7 @@ class FleetStore:
         """A subscription to the generation channel (the caller polls `get_message`)."""
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await self._call(pubsub.subscribe(self.channel))
+            await self._call(lambda: pubsub.subscribe(self.channel))
             yield pubsub
         finally:
             with contextlib.suppress(Exception):
