@@ -72,6 +72,7 @@ class Exchange:
         "done",
         "endpoint",
         "failure",
+        "heard",
         "host",
         "host_line",
         "hosts",
@@ -143,6 +144,10 @@ class Exchange:
         self.chunked_out = False
         self.close_after = False
         self.out: list[bytes] = []  # response bytes gathered during one upstream read
+        # A response read arrived since the last deadline check: while the response streams,
+        # timeouts.idle is counted from the check that found it set (one store per read, not
+        # a clock read).
+        self.heard = False
         self.done = False
 
     def __repr__(self) -> str:
@@ -377,6 +382,17 @@ class Exchange:
         self._drop_upstream()
         self.proto.answer(self, Failure.UPSTREAM_TIMEOUT)
 
+    def check_stream(self, now: float, idle: float, client_blocked: bool) -> None:
+        """The response streams: cut it when the upstream has been silent for `idle` seconds
+        while the client waits (counted as an upstream timeout; never a fake clean end). A
+        client that does not read is the reason of the silence, not the upstream."""
+        if self.heard or client_blocked:
+            self.heard = False
+            self.response_deadline = now + idle
+        elif self.response_deadline <= now:
+            self._count_upstream_error(Failure.UPSTREAM_TIMEOUT)
+            self.proto.abort(self, Failure.UPSTREAM_TIMEOUT.status)
+
     def _count_upstream_error(self, failure: Failure) -> None:
         stats = self.stats
         if stats is not None and failure.upstream_kind is not None:
@@ -452,6 +468,7 @@ class Exchange:
         self.out.append(wire.chunk(data) if self.chunked_out else data)
 
     def upstream_flush(self) -> None:
+        self.heard = True
         out = self.out
         if out:
             self.proto.write(out[0] if len(out) == 1 else b"".join(out))

@@ -216,11 +216,13 @@ class DownstreamProtocol(asyncio.Protocol):
         active = self.active
         if active is None and self.parsing is None:
             return None
-        if active is not None and not active.response_started:
-            # A client that leaves before its answer started cancels the exchange (what nginx
-            # logs as 499): returning None closes the transport, and connection_lost cancels.
+        if active is not None and not active.done:
+            # A client that leaves cancels its exchange (what nginx logs as 499), before or
+            # after its answer started: returning None closes the transport, and
+            # connection_lost frees the upstream connection and counts a client abort. Kept
+            # open, the exchange would wait on an upstream nobody reads any more.
             return None
-        # The answer is on its way: a half-closed client may still read it.
+        # Mid-request: what arrived is still answered in turn, then the connection closes.
         self.closing = True
         return True
 
@@ -615,8 +617,12 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.deadline <= now:
             self._timed_out()
         active = self.active
-        if active is not None and active.response_deadline <= now:
-            active.response_timed_out()
+        if active is not None:
+            if active.response_started:
+                if not active.done:
+                    active.check_stream(now, self.settings.idle_timeout, self.write_blocked)
+            elif active.response_deadline <= now:
+                active.response_timed_out()
 
     def _timed_out(self) -> None:
         kind = self.timer_kind
