@@ -642,6 +642,7 @@ def fleet_config(
     weights: tuple[int, int] = (100, 0),
     service_extra: str = "",
     top_extra: str = "",
+    versions_extra: str = "",
 ) -> Path:
     """A member's config: blue and green of service `shop`, in the fleet `shop` on `redis_url`
     (ports filled in by `Member.start`)."""
@@ -658,6 +659,7 @@ services:
     versions:
       blue: {{endpoints: ["{blue}"], weight: {weights[0]}}}
       green: {{endpoints: ["{green}"], weight: {weights[1]}}}
+{versions_extra}
     version_header: X-App-Version
 {service_extra}
 """
