@@ -480,7 +480,9 @@ class ControlPlane:
             await self.applied()
             self.events.record(actor, "reload", None, to=digest, reason=_reload_reason(old, config))
             await self.save()
-        for service, reason in starts:
+        # In a fleet, a new release of the canary starts one run for the fleet: the leader's,
+        # when its own file has it (every member reloads the same file sooner or later).
+        for service, reason in starts if self.backend.deciding() else []:
             await self._start_rollout(service, reason)
         return ReloadResult(ok=True, changed=True)
 

@@ -183,6 +183,8 @@ class Server:
                 config.workers,
                 self.workers,
             )
+        if config.fleet != self.config.fleet:
+            log.warning("the fleet block in the file takes effect at the next start")
         self.config = config
         if self.health is not None:
             # New endpoints start unknown (no traffic) until their first check passes.

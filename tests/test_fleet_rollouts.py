@@ -204,3 +204,32 @@ async def test_a_leader_frozen_past_its_lease_takes_no_step_when_it_wakes(fleet:
     assert [e for e in after if e["action"] == "step"], "the new leader stopped stepping"
     taken = steps_of(await events(other))
     assert taken == list(range(1, len(taken) + 1)), taken
+
+
+def set_revision(member: Member, revision: str) -> None:
+    lines = []
+    for line in member.config.read_text().splitlines():
+        if line.startswith("      green:"):
+            line = line.split(", revision")[0].rstrip("}") + f', revision: "{revision}"}}'
+        lines.append(line)
+    member.config.write_text("\n".join(lines) + "\n")
+
+
+async def test_a_new_canary_revision_starts_one_run_for_the_fleet(fleet: Fleet) -> None:
+    members = [fleet.member(name, service_extra=canary("10, 20")) for name in ("a", "b", "c")]
+    for member in members:
+        set_revision(member, "1")
+    await asyncio.gather(*(m.start() for m in members))
+    await leader_of(members)
+    last = (await events(members[0]))[-1]["id"]
+    for member in members:  # the new release reaches every member's file, one after the other
+        set_revision(member, "2")
+        status, answer = await admin_call(member.admin_port, "POST", "/reload")
+        assert status == 200 and answer["changed"] is True, answer
+    async with asyncio.timeout(10):
+        while not [e for e in await events(members[0], last) if e["action"] == "start"]:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # would another member start one too?
+    starts = [e for e in await events(members[0], last) if e["action"] == "start"]
+    leader = (await fleet_status(members[0]))["fleet"]["leader"]
+    assert [(e["actor"], e["member"]) for e in starts] == [("config", leader)]
