@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import httptools
+import pytest
 
 from proxy.config.loader import parse_config
 from proxy.http.plane import DataPlane
 from proxy.http.protocol import DownstreamProtocol
 from proxy.routing.build import build_table
 from proxy.server import Server
+from proxy.upstream.connection import UpstreamConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,6 +173,28 @@ async def raw_upstream(handler: RawHandler) -> AsyncIterator[str]:
 
 async def read_request_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
+
+
+@dataclass
+class ReadCounter:
+    """Bytes the proxy's upstream connections have read from their sockets."""
+
+    total: int = 0
+
+
+def count_upstream_reads(monkeypatch: pytest.MonkeyPatch) -> ReadCounter:
+    """Count every byte the proxy reads from upstream sockets from now on (connections made
+    later). What a bound protects is what the proxy reads and holds: the bytes an upstream
+    managed to write depend on how large the kernel lets socket buffers grow."""
+    counter = ReadCounter()
+    original = UpstreamConnection.data_received
+
+    def counting(conn: UpstreamConnection, data: bytes) -> None:
+        counter.total += len(data)
+        original(conn, data)
+
+    monkeypatch.setattr(UpstreamConnection, "data_received", counting)
+    return counter
 
 
 def reset_on_close(writer: asyncio.StreamWriter) -> None:

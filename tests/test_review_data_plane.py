@@ -8,8 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
+
+from proxy.upstream.connection import MAX_RESPONSE_HEAD_BYTES
 from tests.helpers import (
     RecordingUpstream,
+    count_upstream_reads,
     get,
     ok_response,
     raw_upstream,
@@ -112,17 +116,21 @@ async def test_endless_request_trailer_is_431_not_buffered() -> None:
     assert blue.requests == []  # the request never completed upstream
 
 
-async def test_endless_upstream_response_head_is_502_not_buffered() -> None:
-    sent = 0
+# The most asyncio and uvloop read from a socket at a time.
+MAX_READ = 256 * KiB
+
+
+async def test_endless_upstream_response_head_is_502_not_buffered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read = count_upstream_reads(monkeypatch)
 
     async def endless_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal sent
         await read_request_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
         for _ in range(1024):  # 16 MiB if nobody stops it
             writer.write(b"a" * 16 * KiB)
             await writer.drain()
-            sent += 16 * KiB
         await asyncio.sleep(30)
 
     async with (
@@ -132,23 +140,24 @@ async def test_endless_upstream_response_head_is_502_not_buffered() -> None:
         client = await proxy.client()
         response = await client.request(get())
         assert response.status == 502
-        assert sent < 4 * 1024 * KiB  # cut long before it all arrived
+        # Cut at the bound, with the read that crossed it: not buffered on.
+        assert read.total <= MAX_RESPONSE_HEAD_BYTES + MAX_READ
         assert proxy.stats("shop", "blue").in_flight == 0
         await client.close()
 
 
-async def test_endless_upstream_response_trailer_cuts_the_response_not_buffered() -> None:
-    sent = 0
+async def test_endless_upstream_response_trailer_cuts_the_response_not_buffered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read = count_upstream_reads(monkeypatch)
 
     async def endless_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal sent
         await read_request_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         writer.write(b"0\r\nX-Endless: ")
         for _ in range(1024):  # 16 MiB of one trailer field if nobody stops it
             writer.write(b"a" * 16 * KiB)
             await writer.drain()
-            sent += 16 * KiB
         await asyncio.sleep(30)
 
     async with (
@@ -161,7 +170,9 @@ async def test_endless_upstream_response_trailer_cuts_the_response_not_buffered(
             response = await client.response()
         assert response.status == 200
         assert not response.complete  # cut: never a clean end without the trailer's end
-        assert sent < 4 * 1024 * KiB  # cut long before it all arrived
+        # Cut at the bound: the read that carried the head and the body, reads of trailer up to
+        # the bound, and the one that crossed it.
+        assert read.total <= MAX_READ + MAX_RESPONSE_HEAD_BYTES + MAX_READ
         assert proxy.stats("shop", "blue").upstream_errors["protocol"] == 1
         await client.close()
 

@@ -205,6 +205,10 @@ class UpstreamConnection(asyncio.Protocol):
                         self._fail(Failure.UPSTREAM_PROTOCOL)
                         return
                 self.body_seen = False
+            elif self.chunked:
+                # The head ended in this read: the body's framing is counted from the next read
+                # on, which must not pass for one with a body byte because this one had one.
+                self.body_seen = False
             self.sink.upstream_flush()
 
     def eof_received(self) -> bool | None:
