@@ -172,11 +172,16 @@ def test_a_query_that_does_not_parse_is_caught(tmp_path: Path) -> None:
 
 
 def test_the_metric_list_matches_the_readme() -> None:
-    """SPEC_METRICS is the README's metrics table (the documented contract), minus workers."""
+    """SPEC_METRICS is the README's metrics table (the documented contract), minus workers and
+    the fleet (exported only with `workers` > 1, only with a `fleet` block)."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Metrics") : text.index("## Workers")]
     rows = dict(re.findall(r"^\| `(laneswitch_\w+)` \| (\w+) \|", section, re.MULTILINE))
-    documented = {name: kind for name, kind in rows.items() if "_worker_" not in name}
+    documented = {
+        name: kind
+        for name, kind in rows.items()
+        if "_worker_" not in name and "_fleet_" not in name
+    }
     assert documented == SPEC_METRICS
 
 

@@ -108,6 +108,9 @@ async def test_a_member_whose_config_cannot_take_the_fleets_weights_reports_conf
         a.admin_port, "POST", "/services/shop/switch", {"to": "green"}
     )
     assert status == 200, answer
+    # b applied the generation and said it could not take the service's weights (a NACK).
+    assert answer["members"]["acknowledged"] == ["a", "b"]
+    assert "weights must name exactly" in answer["members"]["config_behind"]["b"]["shop"]
     assert await served_by(a.data_port) == {b"green"}
     assert await served_by(b.data_port) == {b"blue"}  # its last table, not a crash
     _, state = await admin_call(b.admin_port, "GET", "/status")

@@ -94,3 +94,28 @@ async def test_the_store_stopped_under_load_and_restarted_empty(fleet: Fleet) ->
         state = await status(member)
         assert state["fleet"]["store_up"] is True
         assert weights(state) == HALF  # not the file's blue 100
+
+
+async def test_rollout_calls_get_503_while_the_store_is_down_and_rollback_still_works(
+    fleet: Fleet,
+) -> None:
+    rollout = """
+    rollout:
+      strategy: canary
+      stable: blue
+      canary: green
+      step_weights: [50]
+      interval: 1s
+      metrics: {success_rate: {min: 95}}
+"""
+    a = await fleet.member("a", weights=(50, 50), service_extra=rollout).start()
+    await fleet.redis.stop()
+    async with asyncio.timeout(10):
+        while (await status(a))["fleet"]["store_up"]:
+            await asyncio.sleep(0.05)
+    for verb in ("start", "pause", "resume", "promote", "abort"):
+        code, answer = await admin_call(a.admin_port, "POST", f"/services/shop/rollout/{verb}")
+        assert (code, answer.get("error")) == (503, "fleet store unavailable"), (verb, answer)
+    code, answer = await admin_call(a.admin_port, "POST", "/services/shop/rollback")
+    assert code == 200, answer
+    assert weights(await status(a)) == {"blue": 100, "green": 0}

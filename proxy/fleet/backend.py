@@ -41,9 +41,10 @@ class StateBackend:
     async def saved(self) -> None:
         """The runtime state or the decision record changed (after the state file write)."""
 
-    async def acknowledged(self) -> dict[str, list[str]] | None:
+    async def acknowledged(self) -> dict[str, Any] | None:
         """After a change: wait for every live member to apply it; the members' answer for the
-        admin API (None: not a fleet)."""
+        admin API: acknowledged, pending, and config_behind of members that could not take it
+        (None: not a fleet)."""
         return None
 
     async def window(

@@ -178,7 +178,7 @@ class FleetCoordinator(StateBackend):
         async with self._write_lock:
             await self._push()
 
-    async def acknowledged(self) -> dict[str, list[str]] | None:
+    async def acknowledged(self) -> dict[str, Any] | None:
         refused, self._refused = self._refused, None
         if refused is not None:
             raise ControlError(
@@ -197,6 +197,9 @@ class FleetCoordinator(StateBackend):
                 return {"acknowledged": [self.member], "pending": []}
             acknowledged: list[str] = []
             pending: list[str] = []
+            # Envoy's NACK: a member that applied the generation but could not take the
+            # fleet's state for some service says so, with why.
+            behind: dict[str, Any] = {}
             for record in self.members:
                 if record.member == self.member:
                     acknowledged.append(record.member)
@@ -204,10 +207,20 @@ class FleetCoordinator(StateBackend):
                     applied = record.info.get("applied")
                     done = isinstance(applied, int) and applied >= target
                     (acknowledged if done else pending).append(record.member)
+                    if done and record.info.get("config_behind"):
+                        behind[record.member] = record.info["config_behind"]
             if self.member not in acknowledged:
                 acknowledged.append(self.member)
+            if self.control.config_behind:
+                behind[self.member] = dict(self.control.config_behind)
             if not pending or time.monotonic() >= deadline:
-                return {"acknowledged": sorted(acknowledged), "pending": sorted(pending)}
+                answer: dict[str, Any] = {
+                    "acknowledged": sorted(acknowledged),
+                    "pending": sorted(pending),
+                }
+                if behind:
+                    answer["config_behind"] = behind
+                return answer
             await asyncio.sleep(ACK_POLL)
 
     async def window(
