@@ -10,6 +10,7 @@ recorded.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,8 +22,28 @@ from proxy.rollout.controller import CheckResult
 
 # Pause between two attempts of a webhook: long enough not to hammer a hook that is restarting.
 RETRY_PAUSE = 0.2
-# Bytes of a failing answer kept in the decision record (what the hook said, bounded).
-MAX_ANSWER_BYTES = 200
+# Bytes of an answer read (and thrown away) before the connection is let go: bounds what a
+# hook can make the proxy buffer. Answers are never recorded verbatim (they may hold secrets):
+# the record says how long the answer was, up to this bound.
+MAX_ANSWER_BYTES = 4096
+
+# A URL in an error text: its query string, fragment and userinfo are what secrets live in.
+_URL = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/\s@'\"<>]*@)?(?P<rest>[^\s'\"<>?#]*)(?:[?#][^\s'\"<>]*)?"
+)
+
+
+def redact(text: str) -> str:
+    """`text` with every URL in it cut to scheme, host and path (aiohttp's errors quote the
+    URL; userinfo, query strings and fragments are where secrets live)."""
+    return _URL.sub(lambda m: m["scheme"] + m["rest"], text)
+
+
+def _answer_detail(status: int, length: int) -> str:
+    size = f"{length} bytes" if length < MAX_ANSWER_BYTES else f"over {MAX_ANSWER_BYTES} bytes"
+    if 300 <= status < 400:
+        return f"HTTP {status} (redirects are not followed; answer {size})"
+    return f"HTTP {status} (answer {size}, not recorded)" if length else f"HTTP {status}"
 
 
 def payload(hook: Webhook, base: dict[str, Any]) -> dict[str, Any]:
@@ -43,22 +64,27 @@ async def call_webhook(
         if attempt:
             await asyncio.sleep(RETRY_PAUSE)
         try:
+            # A redirect is an answer, not a pass: following it would send the payload (and
+            # any credentials in the URL) to wherever the hook points.
             async with session.post(
-                hook.url, json=body, timeout=aiohttp.ClientTimeout(total=hook.timeout)
+                hook.url,
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=hook.timeout),
+                allow_redirects=False,
             ) as response:
                 status = response.status
                 if 200 <= status < 300:
                     return CheckResult(
                         hook.name, hook.type, True, status, attempts, "", time.monotonic() - began
                     )
-                text = (await response.content.read(MAX_ANSWER_BYTES)).decode("utf-8", "replace")
-                detail = f"HTTP {status}" + (f": {text.strip()}" if text.strip() else "")
+                answer = await response.content.read(MAX_ANSWER_BYTES)
+                detail = _answer_detail(status, len(answer))
         except TimeoutError:
             status = None
             detail = f"no answer within {hook.timeout:g}s"
         except aiohttp.ClientError as exc:
             status = None
-            detail = f"{type(exc).__name__}: {exc}"
+            detail = redact(f"{type(exc).__name__}: {exc}")
     return CheckResult(
         hook.name, hook.type, False, status, attempts, detail, time.monotonic() - began
     )
@@ -137,7 +163,7 @@ async def _pre_switch(
             False,
             None,
             1,
-            f"{type(exc).__name__}: {exc}",
+            redact(f"{type(exc).__name__}: {exc}"),
             time.monotonic() - began,
         )
     ok = status == check.expect_status
