@@ -59,6 +59,16 @@ def control_headers(table: RouteTable) -> set[bytes]:
     return names
 
 
+def endpoint_keys(table: RouteTable) -> set[str]:
+    """Every endpoint the table names ("host:port"), in any version of any service."""
+    return {
+        endpoint.key
+        for service in table.services
+        for version in service.versions
+        for endpoint in version.all_endpoints
+    }
+
+
 class DataPlane:
     """What every client connection of this process shares."""
 
@@ -107,6 +117,7 @@ class DataPlane:
         self.response_kinds = wire.response_header_kinds(version_headers(table))
         self.pools.set_idle_timeout(table.settings.idle_timeout)
         self._drain_losers(old, table)
+        self.pools.drop(endpoint_keys(old) - endpoint_keys(table))
 
     def _drain_losers(self, old: RouteTable, new: RouteTable) -> None:
         """A version that lost all its traffic stops reusing its upstream connections now (idle

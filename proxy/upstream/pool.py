@@ -133,6 +133,15 @@ class UpstreamPools:
             if pool is not None:
                 pool.retire()
 
+    def drop(self, keys: set[str]) -> None:
+        """Forget the pools of endpoints no table names any more (removed by a reload): their
+        idle connections close now, busy ones when their exchange ends (they still hold their
+        pool, whose generation no longer matches), and the pool itself is let go."""
+        for key in keys:
+            pool = self.pools.pop(key, None)
+            if pool is not None:
+                pool.retire()
+
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
