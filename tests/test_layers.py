@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "proxy.health": 2,
     "proxy.http.protocol": 3,
     "proxy.http.exchange": 3,
+    "proxy.http.tunnel": 3,
     "proxy.http.plane": 3,
     "proxy.events": 1,
     "proxy.jsonfields": 0,

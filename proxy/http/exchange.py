@@ -26,6 +26,7 @@ from proxy.upstream.pool import UpstreamPool
 
 if TYPE_CHECKING:
     from proxy.http.protocol import DownstreamProtocol
+    from proxy.http.tunnel import Tunnel
     from proxy.upstream.connection import UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Exchange:
         "started_at",
         "stats",
         "status",
+        "tunnel",
         "upgrade",
         "upstream",
         "url",
@@ -149,6 +151,7 @@ class Exchange:
         # a clock read).
         self.heard = False
         self.done = False
+        self.tunnel: Tunnel | None = None  # set once the upstream switched protocols
 
     def __repr__(self) -> str:
         return f"<Exchange {self.method.decode()} {self.url[:60]!r} status={self.status}>"
@@ -500,13 +503,23 @@ class Exchange:
         self.proto.start_tunnel(self, conn)
 
     def upstream_tunnel_data(self, data: bytes) -> None:
-        self.proto.write(data)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.from_upstream(data)
+
+    def upstream_tunnel_eof(self) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.upstream_eof()
 
     def upstream_failed(self, conn: UpstreamConnection, failure: Failure) -> None:
         self.upstream = None
         self.proto.gate_resume(PEER_WRITE_BLOCKED)  # see _drop_upstream
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.upstream_lost()
+            return
         if self.done:
-            self.proto.close()  # a tunnel ended
             return
         if self.response_started:
             self._count_upstream_error(failure)
@@ -588,6 +601,16 @@ class Exchange:
             return
         stats.client_aborts += 1
         self.settle(None)
+
+    def settle_upgraded(self) -> None:
+        """The upstream switched protocols: the 101 and the time it took are recorded now (a
+        tunnel's lifetime is no latency), and the exchange stays in the in-flight gauge as a
+        tunnel until `Tunnel` ends it."""
+        self.done = True
+        self.response_deadline = NEVER
+        stats = self.stats
+        if stats is not None:
+            stats.observe(101, time.monotonic() - self.started_at)
 
     def settle(self, status: int | None) -> float:
         """Record the outcome once: the status sent, or None when no answer was completed.

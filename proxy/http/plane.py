@@ -194,9 +194,15 @@ class DataPlane:
 
     def cut_version(self, service: str, version: str, started_before: float) -> int:
         """Cut the requests still in flight on `service`/`version` that started before the
-        drain began (monotonic time); each is counted in the version's drain_cut."""
+        drain began (monotonic time), tunnels included; each is counted in the version's
+        drain_cut."""
         cut = 0
         for conn in list(self.connections):
+            tunnel = conn.tunnel
+            if tunnel is not None:
+                if tunnel.belongs_to(service, version, started_before):
+                    cut += conn.cut()
+                continue
             ex = conn.active
             if (
                 ex is not None

@@ -28,6 +28,7 @@ from proxy.http.flow import (
     reset,
     set_write_limits,
 )
+from proxy.http.tunnel import Tunnel
 
 if TYPE_CHECKING:
     from proxy.http.plane import DataPlane
@@ -116,7 +117,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.head_fed = 0
         self.closing = False  # no further request will be read or started
         self.write_blocked = False
-        self.tunnel: UpstreamConnection | None = None
+        self.tunnel: Tunnel | None = None
         self.early_bytes: list[bytes] | None = None  # client bytes after an Upgrade request
         # The last Host value routed on this connection and its host part, lower-cased.
         self.host_raw = b""
@@ -147,7 +148,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
-            self.tunnel.write(data)
+            self.tunnel.from_client(data)
             return
         if self.early_bytes is not None:
             self._hold_early(data)
@@ -213,6 +214,10 @@ class DownstreamProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.linger_timer is not None:
             return None  # the client has stopped sending: the lingering is over
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.client_eof()  # a half-close: passed on, the other direction keeps flowing
+            return True
         active = self.active
         if active is None and self.parsing is None:
             return None
@@ -236,7 +241,7 @@ class DownstreamProtocol(asyncio.Protocol):
         tunnel = self.tunnel
         if tunnel is not None:
             self.tunnel = None
-            tunnel.close()
+            tunnel.client_lost()
         active = self.active
         if active is not None and not active.done:
             active._drop_upstream()
@@ -262,7 +267,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _upstream(self) -> UpstreamConnection | None:
         if self.tunnel is not None:
-            return self.tunnel
+            return self.tunnel.upstream
         active = self.active
         return active.upstream if active is not None else None
 
@@ -501,14 +506,31 @@ class DownstreamProtocol(asyncio.Protocol):
     def start_tunnel(self, ex: Exchange, conn: UpstreamConnection) -> None:
         """The upstream switched protocols: from now on bytes flow both ways untouched."""
         self._disarm()
-        self.tunnel = conn
+        ex.settle_upgraded()
+        tunnel = Tunnel(self, conn, ex.stats, ex.started_at, self.settings.idle_timeout)
+        ex.tunnel = tunnel
+        self.tunnel = tunnel
+        self.active = None
         early = self.early_bytes or []
         self.early_bytes = None
         if early:
             conn.write(b"".join(early))
         self.gate_resume(TUNNEL_PENDING)
-        ex.settle(101)
-        self.active = None
+
+    def tunnel_ended(self, tunnel: Tunnel, abort: bool) -> None:
+        """`tunnel` is over (both directions closed, or cut): so is this connection."""
+        if self.tunnel is not tunnel:
+            return  # the connection is gone already (connection_lost ended it)
+        self.tunnel = None
+        self.closing = True
+        transport = self.transport
+        if transport is not None:
+            if abort:
+                reset(transport)  # a FIN would tell the client the tunnel ended cleanly
+            else:
+                transport.close()
+        if self.plane.draining:
+            self.plane.check_drained()
 
     def _hold_early(self, data: bytes) -> None:
         early = self.early_bytes
@@ -524,6 +546,17 @@ class DownstreamProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing() and self.linger_timer is None:
             transport.write(data)
+
+    def write_backlog(self) -> int:
+        """Bytes written to the client that it has not read yet."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def write_eof(self) -> None:
+        """Send our FIN after what is queued (a tunnelled half-close)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
 
     def close(self, linger: bool = False) -> None:
         """Close after what was written; with `linger`, send a FIN after it and discard what
@@ -575,7 +608,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self.close()
 
     def busy(self) -> int:
-        return (self.active is not None) + len(self.pipeline)
+        """Requests in flight on this connection: an open tunnel is one."""
+        return (self.active is not None) + len(self.pipeline) + (self.tunnel is not None)
 
     def cut(self) -> int:
         """Abort this connection; its unfinished request (if placed) is counted as cut."""
@@ -589,9 +623,9 @@ class DownstreamProtocol(asyncio.Protocol):
             active.settle(None)
         self.closing = True
         self.active = None
-        if self.tunnel is not None:
-            self.tunnel.abort()
-            self.tunnel = None
+        tunnel = self.tunnel
+        if tunnel is not None:
+            cut += tunnel.cut()  # aborts this connection too
         if self.transport is not None:
             reset(self.transport)  # a FIN could end an HTTP/1.0 body cleanly
         return cut
@@ -614,6 +648,10 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def check_deadlines(self, now: float) -> None:
         """Called by the plane's ticker: fire whatever deadline has passed."""
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.check_idle(now)
+            return
         if self.deadline <= now:
             self._timed_out()
         active = self.active

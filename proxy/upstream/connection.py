@@ -68,6 +68,7 @@ class ResponseSink(Protocol):
     def upstream_flush(self) -> None: ...
     def upstream_upgraded(self, conn: UpstreamConnection, tail: bytes) -> None: ...
     def upstream_tunnel_data(self, data: bytes) -> None: ...
+    def upstream_tunnel_eof(self) -> None: ...
     def upstream_failed(self, conn: UpstreamConnection, failure: Failure) -> None: ...
     def upstream_write_paused(self) -> None: ...
     def upstream_write_resumed(self) -> None: ...
@@ -212,6 +213,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.upstream_flush()
 
     def eof_received(self) -> bool | None:
+        if self.tunnel and self.sink is not None:
+            # A tunnel's half-close: the other direction may still flow (the sink passes it on).
+            self.sink.upstream_tunnel_eof()
+            return True
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -331,6 +336,17 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+    def write_backlog(self) -> int:
+        """Bytes written to the upstream that it has not read yet."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def write_eof(self) -> None:
+        """Send our FIN after what is queued (a tunnelled half-close)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
 
     def keep_alive(self) -> bool:
         """The response that just ended lets the connection be reused."""
