@@ -22,6 +22,7 @@ from proxy.config.loader import ConfigError, config_digest, parse_config
 from proxy.config.model import Config, ServiceConfig
 from proxy.events import Event, EventLog
 from proxy.fleet.backend import STORE_UNAVAILABLE, StateBackend
+from proxy.history import History
 from proxy.http.plane import DataPlane
 from proxy.jsonfields import Unreadable, known_fields
 from proxy.metrics import MetricsWindow, StatsRegistry, StatsSnapshot, quantile, success_rate
@@ -99,6 +100,7 @@ class ControlPlane:
         self.backend = StateBackend()
         # Services whose fleet state this member's config cannot apply, with why (config skew).
         self.config_behind: dict[str, str] = {}
+        self.history = History(stats)  # the console's charts (GET /history)
         # Called with each new table as it is installed (e.g. to push it to worker processes),
         # and with each new config (health checks).
         self.table_listeners: list[Callable[[RouteTable], None]] = []
@@ -223,6 +225,10 @@ class ControlPlane:
                 if name in services:
                     services[name]["config_behind"] = why
         return result
+
+    def sample_history(self) -> None:
+        """One chart row per version in force (called every HISTORY_STEP seconds)."""
+        self.history.sample(self.weights)
 
     def rollout_status(self, service: str) -> dict[str, Any] | None:
         """The rollout's phase, step, failed checks and last analysis; None without a rollout

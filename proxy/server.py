@@ -25,6 +25,7 @@ from proxy.admin.server import AdminServer, start_admin
 from proxy.config.model import Config, parse_endpoint
 from proxy.control import ControlPlane
 from proxy.health import HealthChecker, targets_from_config
+from proxy.history import HISTORY_STEP
 from proxy.http.plane import DataPlane
 from proxy.metrics import StatsRegistry
 from proxy.routing.build import build_table
@@ -74,6 +75,7 @@ class Server:
         self.health: HealthChecker | None = None
         self.watcher: ConfigWatcher | None = None
         self._sampler: asyncio.TimerHandle | None = None
+        self._history_sampler: asyncio.TimerHandle | None = None
         self._hurry = asyncio.Event()  # a second signal: stop without waiting for the drain
         # N > 1: the data plane runs in worker processes (see the module's docstring).
         self.pool: WorkerPool | None = None
@@ -142,6 +144,7 @@ class Server:
             self.plane.start_ticker()
             control.listening = True
         self._sample_window()
+        self._sample_history()
         if watch and control.config_path is not None:
             self.watcher = ConfigWatcher(control.config_path, self._reload_from_file)
             self.watcher.start()
@@ -198,6 +201,10 @@ class Server:
         self.control.window.sample()
         self._sampler = self.loop.call_later(self.control.window.step, self._sample_window)
 
+    def _sample_history(self) -> None:
+        self.control.sample_history()
+        self._history_sampler = self.loop.call_later(HISTORY_STEP, self._sample_history)
+
     async def stop(self, drain_timeout: float | None = None) -> int:
         """Stop accepting, drain, cut what is left. Returns how many requests were cut."""
         if drain_timeout is None:
@@ -221,8 +228,9 @@ class Server:
         self.plane.stop_drains()
         self.plane.pools.close()
         self.control.close()
-        if self._sampler is not None:
-            self._sampler.cancel()
+        for sampler in (self._sampler, self._history_sampler):
+            if sampler is not None:
+                sampler.cancel()
         if self.health is not None:
             await self.health.stop()
         if self.admin is not None:

@@ -172,6 +172,22 @@ async def changed(control: ControlPlane, result: dict[str, Any]) -> web.Response
     return web.json_response(result)
 
 
+async def history(request: web.Request) -> web.Response:
+    """GET /history?service=NAME&since=UNIX: the console's chart rows (SPEC §10)."""
+    control = request.app[CONTROL]
+    service = request.query.get("service", "")
+    if service not in control.config.services:
+        return error(404, f"no service {service!r}")
+    text = request.query.get("since", "0")
+    try:
+        since = float(text)
+    except ValueError:
+        since = float("nan")
+    if since != since or since in (float("inf"), float("-inf")):
+        return error(400, f"since must be a UNIX time in seconds, got {text!r}")
+    return web.json_response(control.history.series(service, since))
+
+
 async def switch(request: web.Request) -> web.Response:
     body = await read_body(request, SwitchBody)
     result = await request.app[CONTROL].switch(
@@ -249,6 +265,7 @@ def create_admin_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)
     app.router.add_get("/events", events)
+    app.router.add_get("/history", history)
     app.router.add_post("/reload", reload)
     app.router.add_post("/services/{svc}/switch", switch)
     app.router.add_put("/services/{svc}/weights", weights)
