@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "proxy.routing.": 2,
     "proxy.upstream.": 2,
     "proxy.health": 2,
+    "proxy.history": 2,  # the console's chart rings, fed from the metrics
     "proxy.http.protocol": 3,
     "proxy.http.exchange": 3,
     "proxy.http.tunnel": 3,
