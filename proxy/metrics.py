@@ -11,26 +11,9 @@ from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 
-# Upper bounds (seconds) of the latency histogram buckets; +Inf is implied after the last one.
-# Fine below 100 ms because canary latency thresholds are usually set there.
-LATENCY_BUCKETS: tuple[float, ...] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
+from proxy.latency_buckets import LATENCY_BUCKETS
+
+__all__ = ["LATENCY_BUCKETS"]  # re-exported: the histogram's users read it here
 
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 

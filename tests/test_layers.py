@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 LAYERS: dict[str, int] = {
     "proxy.config.model": 0,
     "proxy.errors": 0,
+    "proxy.latency_buckets": 0,
     "proxy.http.wire": 0,
     "proxy.config.loader": 1,
     "proxy.config": 1,  # the package re-exports the loader

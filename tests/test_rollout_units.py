@@ -298,3 +298,36 @@ def test_state_survives_json() -> None:
     state = RolloutState(phase="paused", step=2, failed_checks=1, paused_from="progressing")
     assert RolloutState.from_json(state.to_json()) == state
     assert RolloutState.from_json({"phase": "bogus", "unknown": 1}).phase == "idle"
+
+
+@pytest.mark.parametrize(
+    ("limit", "steady", "verdict"),
+    [
+        ("150ms", 0.110, "pass"),  # interpolated, this read 148 ms (and 248.5 ms before)
+        ("300ms", 0.260, "pass"),
+        ("2s", 1.1, "pass"),
+        ("150ms", 0.160, "fail"),
+        ("2s", 2.2, "fail"),
+    ],
+)
+def test_latency_p99_is_judged_exactly_against_its_limit(
+    limit: str, steady: float, verdict: str
+) -> None:
+    metrics = RolloutMetrics.model_validate({"latency_p99": {"max": limit}})
+    canary = window((200, steady, 200))
+    result = analyse(Measured.of(canary), Measured.of(None), metrics, 50)
+    assert result.verdict == verdict, result.reason
+    assert result.values["slower_than_limit_percent"] == (0.0 if verdict == "pass" else 100.0)
+
+
+def test_latency_p99_allows_exactly_one_percent_over_the_limit() -> None:
+    metrics = RolloutMetrics.model_validate({"latency_p99": {"max": "150ms"}})
+    one_percent = window((200, 0.01, 99), (200, 0.9, 1))
+    assert analyse(Measured.of(one_percent), Measured.of(None), metrics, 50).verdict == "pass"
+    two_percent = window((200, 0.01, 98), (200, 0.9, 2))
+    assert analyse(Measured.of(two_percent), Measured.of(None), metrics, 50).verdict == "fail"
+
+
+def test_a_latency_limit_between_bucket_bounds_is_a_config_error_naming_the_bounds() -> None:
+    with pytest.raises(ValueError, match=r"latency histogram's bounds.*150ms"):
+        RolloutMetrics.model_validate({"latency_p99": {"max": "120ms"}})

@@ -34,6 +34,8 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.latency_buckets import LATENCY_BUCKETS, bucket_bound_index
+
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails, InitErrorDetails
 
@@ -442,7 +444,21 @@ class SuccessRateCheck(_Model):
 
 class LatencyCheck(_Model):
     max: Duration = Field(gt=0)
-    """Highest acceptable 99th percentile response time."""
+    """Highest acceptable 99th percentile response time: passes when at most 1 % of the
+    interval's requests took longer. One of the latency histogram's bounds (1ms, 2.5ms, 5ms,
+    10ms, 25ms, 50ms, 75ms, 100ms, 150ms, 200ms, 250ms, 300ms, 400ms, 500ms, 750ms, 1s, 1.5s,
+    2s, 2.5s, 3s, 5s, 10s, 30s), so it is judged exactly."""
+
+    @field_validator("max")
+    @classmethod
+    def _a_bucket_bound(cls, value: float) -> float:
+        if bucket_bound_index(value) is None:
+            bounds = ", ".join(f"{bound * 1000:g}ms" for bound in LATENCY_BUCKETS)
+            raise ValueError(
+                f"must be one of the latency histogram's bounds ({bounds}), so that the p99 "
+                "is judged exactly"
+            )
+        return value
 
 
 class RelativeSuccessRateCheck(_Model):
