@@ -43,19 +43,34 @@ _NO_BODY_STATUS = frozenset({204, 304})
 # processed the request before it died, and a proxy must not replay any other (RFC 9112 §9.3.1.1).
 _IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
-# The headers the proxy adds to every request it forwards, filled in one formatting.
-_FORWARDED = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %s\r\n"
+# The headers the proxy adds to every request it forwards, filled in one formatting:
+# X-Forwarded-For, -Proto, -Host, X-Real-IP, Forwarded, Via, X-Request-Id.
+_FORWARDED = (
+    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Real-IP: %s\r\nForwarded: %s\r\n"
+    b"Via: %s\r\nX-Request-Id: %s\r\n"
+)
 _FORWARDED_WITH_HOST = (
     b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
-    b"X-Request-Id: %s\r\n"
+    b"X-Real-IP: %s\r\nForwarded: %s\r\nVia: %s\r\nX-Request-Id: %s\r\n"
 )
-# The same with a new request id (`RequestIds.next`, spelled out: prefix and counter) and the
-# blank line that ends the head, for the plain path.
-_FORWARDED_NEW_ID = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %s-%x\r\n\r\n"
+# The same for the plain path, where the client sent none of them: the peer stands for the
+# client everywhere (`wire.forwarded_element` spelled out), a new request id (`RequestIds.next`
+# spelled out: prefix and counter) and the blank line that ends the head.
+_FORWARDED_NEW_ID = (
+    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Real-IP: %s\r\n"
+    b"Forwarded: for=%s;proto=http\r\nVia: %s\r\nX-Request-Id: %s-%x\r\n\r\n"
+)
 _FORWARDED_WITH_HOST_NEW_ID = (
     b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
+    b'X-Real-IP: %s\r\nForwarded: for=%s;host="%s";proto=http\r\nVia: %s\r\n'
     b"X-Request-Id: %s-%x\r\n\r\n"
 )
+
+# The proxy's Via entry (RFC 9110 §7.6.3): the protocol the message was received with, and the
+# proxy's pseudonym. Responses reach the client as HTTP/1.1 (see `_response_tail`).
+VIA_11 = b"1.1 laneswitch"
+VIA_10 = b"1.0 laneswitch"
+_VIA_LINE = b"Via: 1.1 laneswitch\r\n"
 
 
 class Exchange:
@@ -240,12 +255,31 @@ class Exchange:
         Host: no control header or cookie (a weighted pick), no X-Forwarded-For or X-Request-Id
         to carry over, no Connection header, no body framing or upgrade to restate."""
         self.version = pick_weighted(route)
-        ids = self.proto.plane.request_ids
+        proto = self.proto
+        ids = proto.plane.request_ids
         ids.count += 1
-        if self.host is not None:
-            forwarded = _FORWARDED_WITH_HOST_NEW_ID % (peer, self.host, ids.prefix, ids.count)
+        via = VIA_10 if self.http_10 else VIA_11
+        host = self.host
+        if host is not None:
+            forwarded = _FORWARDED_WITH_HOST_NEW_ID % (
+                peer,
+                host,
+                peer,
+                proto.peer_node,
+                host,
+                via,
+                ids.prefix,
+                ids.count,
+            )
         else:
-            forwarded = _FORWARDED_NEW_ID % (peer, ids.prefix, ids.count)
+            forwarded = _FORWARDED_NEW_ID % (
+                peer,
+                peer,
+                proto.peer_node,
+                via,
+                ids.prefix,
+                ids.count,
+            )
         return b"".join(
             (self.method, b" ", self.url, b" HTTP/1.1\r\n", self.host_line, *self.lines, forwarded)
         )
@@ -256,6 +290,8 @@ class Exchange:
         sticky_value: bytes | None = None
         cookies: list[bytes] = []
         xff: list[bytes] = []
+        client_forwarded: list[bytes] = []
+        vias: list[bytes] = []
         request_id: bytes | None = None
         upgrade: bytes | None = None
         lines = self.lines
@@ -272,6 +308,11 @@ class Exchange:
                 cookies.append(value)
             elif kind == wire.FORWARDED_FOR:
                 xff.append(value)
+            elif kind == wire.FORWARDED:
+                client_forwarded.append(value)
+            elif kind == wire.VIA:
+                if value:
+                    vias.append(value)
             elif kind == wire.REQUEST_ID:
                 if value:
                     request_id = value
@@ -281,8 +322,7 @@ class Exchange:
                     continue
                 if lname == route.sticky_header:
                     sticky_value = value
-                if lname not in self.named_by_connection:
-                    parts.append(name + b": " + value + b"\r\n")
+                parts.append(name + b": " + value + b"\r\n")
             elif kind == wire.UPGRADE:
                 upgrade = value
         force_cookie_value: bytes | None = None
@@ -301,10 +341,15 @@ class Exchange:
         if request_id is None:
             request_id = self.proto.plane.request_ids.next()
         client = wire.forwarded_for(xff, peer, trusted_hops) if xff else peer
-        if self.host is not None:
-            forwarded = _FORWARDED_WITH_HOST % (client, self.host, request_id)
+        real_ip = wire.real_ip(xff, peer, trusted_hops) if xff else peer
+        host = self.host
+        rebuilt = wire.forwarded(client_forwarded, self.proto.peer_node, host, trusted_hops)
+        vias.append(VIA_10 if self.http_10 else VIA_11)
+        via = b", ".join(vias)
+        if host is not None:
+            forwarded = _FORWARDED_WITH_HOST % (client, host, real_ip, rebuilt, via, request_id)
         else:
-            forwarded = _FORWARDED % (client, request_id)
+            forwarded = _FORWARDED % (client, real_ip, rebuilt, via, request_id)
         if self.chunked_in:
             forwarded += b"Transfer-Encoding: chunked\r\n"
         if self.upgrade and upgrade is not None:
@@ -407,7 +452,7 @@ class Exchange:
         status = conn.status
         if status < 200 and status != 101:
             if not self.http_10:  # HTTP/1.0 clients cannot take interim responses
-                self.out.append(self._response_head(conn, b"\r\n"))
+                self.out.append(self._response_head(conn, _VIA_LINE + b"\r\n"))
             return
         if status == 101 and not self.upgrade:
             self.upstream_failed(conn, Failure.UPSTREAM_PROTOCOL)
@@ -440,11 +485,11 @@ class Exchange:
         """The headers the proxy adds to a final response, and the blank line: framing,
         Connection and the version header. Decides whether the client connection closes."""
         status = conn.status
-        tail = b""
+        tail = _VIA_LINE
         route = self.route
         version = self.version
         if route is not None and version is not None and route.version_header is not None:
-            tail = route.version_header + b": " + version.name_bytes + b"\r\n"
+            tail += route.version_header + b": " + version.name_bytes + b"\r\n"
         if status == 101:
             upgrade = conn.upgrade or b""
             return tail + b"Upgrade: " + upgrade + b"\r\nConnection: upgrade\r\n\r\n"

@@ -88,6 +88,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "parser",
         "parsing",
         "peer",
+        "peer_node",
         "pipeline",
         "plane",
         "settings",
@@ -104,6 +105,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.gate: ReadGate | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer = b""
+        self.peer_node = b""  # the peer as an RFC 7239 node, for Forwarded
         # One deadline per connection (request head, or keep-alive idle), checked by the
         # plane's ticker.
         self.deadline = NEVER
@@ -136,6 +138,7 @@ class DownstreamProtocol(asyncio.Protocol):
         set_write_limits(transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]).encode() if peer else b""
+        self.peer_node = wire.forwarded_node(self.peer)
         plane = self.plane
         if plane.draining or len(plane.connections) >= self.settings.max_connections:
             failure = Failure.SHUTTING_DOWN if plane.draining else Failure.OVERLOADED

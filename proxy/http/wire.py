@@ -24,9 +24,12 @@ HOST = 6  # forwarded unchanged, first; checked (missing or duplicate -> 400)
 COOKIE = 7  # forwarded, minus the force cookie
 FORWARDED_FOR = 8  # rebuilt from the socket peer
 REQUEST_ID = 9  # kept, or generated when absent
-REBUILT = 10  # X-Forwarded-Proto and X-Forwarded-Host: replaced
+REBUILT = 10  # X-Forwarded-Proto, X-Forwarded-Host and X-Real-IP: replaced
 CONTROL = 11  # some service's force or sticky header (see `request_header_kinds`)
 PROXY_OWN = 12  # a response header the proxy sets itself (the version header): dropped
+FORWARDED = 13  # RFC 7239 Forwarded: rebuilt from the socket peer, like X-Forwarded-For
+VIA = 14  # kept, with the proxy's own entry appended (RFC 9110 §7.6.3)
+DROPPED = 15  # a request header whose name has "_": dropped, as nginx does by default
 
 _HOP_KINDS = {
     b"connection": CONNECTION,
@@ -49,6 +52,9 @@ REQUEST_HEADER_KINDS: dict[bytes, int] = {
     b"x-request-id": REQUEST_ID,
     b"x-forwarded-proto": REBUILT,
     b"x-forwarded-host": REBUILT,
+    b"x-real-ip": REBUILT,
+    b"forwarded": FORWARDED,
+    b"via": VIA,
 }
 
 # Connection options that name no header: they need no second pass over the headers.
@@ -70,17 +76,22 @@ class HeaderKinds(dict[bytes, int]):
     """Header name exactly as received -> its kind, 0 for a header forwarded verbatim.
 
     Looking a name up as sent skips lower-casing it for every header of every message; a name
-    not seen before is lower-cased once and looked up in `kinds`.
+    not seen before is lower-cased once and looked up in `kinds`. With `drop_underscores`, a
+    name with "_" and no kind of its own is DROPPED: some frameworks read `X_Forwarded_For` as
+    `X-Forwarded-For` (both become HTTP_X_FORWARDED_FOR), which would bypass its rebuilding.
     """
 
-    __slots__ = ("kinds",)
+    __slots__ = ("drop_underscores", "kinds")
 
-    def __init__(self, kinds: dict[bytes, int]) -> None:
+    def __init__(self, kinds: dict[bytes, int], drop_underscores: bool = False) -> None:
         super().__init__()
         self.kinds = kinds
+        self.drop_underscores = drop_underscores
 
     def __missing__(self, name: bytes) -> int:
         kind = self.kinds.get(name.lower(), 0)
+        if not kind and self.drop_underscores and b"_" in name:
+            kind = DROPPED
         if len(self) < MAX_REMEMBERED_NAMES and len(name) <= MAX_REMEMBERED_NAME_BYTES:
             self[name] = kind
         return kind
@@ -94,7 +105,7 @@ def request_header_kinds(control_headers: set[bytes]) -> HeaderKinds:
     kinds = dict(REQUEST_HEADER_KINDS)
     for name in control_headers:
         kinds.setdefault(name, CONTROL)
-    return HeaderKinds(kinds)
+    return HeaderKinds(kinds, drop_underscores=True)
 
 
 def response_header_kinds(own_headers: set[bytes]) -> HeaderKinds:
@@ -111,7 +122,12 @@ def header_line(name: bytes, value: bytes) -> bytes:
 
 
 def named_by_connection(values: list[bytes]) -> frozenset[bytes]:
-    """Header names a message's Connection headers declare hop-by-hop (usually none)."""
+    """Header names a message's Connection headers declare hop-by-hop (usually none).
+
+    Only headers forwarded verbatim are dropped for being named: a header the proxy reads or
+    writes itself (every one with a kind: Host, framing, Cookie, the X-Forwarded-* family,
+    Forwarded, X-Real-IP, Via, X-Request-Id, force and sticky headers) is never removed by a
+    Connection option, so a client cannot strip what the upstream relies on the proxy for."""
     if len(values) == 1 and values[0].lower() in PLAIN_CONNECTION_OPTIONS:
         return frozenset()
     return connection_tokens(values) - _NOT_DROPPED
@@ -286,14 +302,76 @@ def remove_cookie(cookie_header: bytes, name: bytes) -> bytes:
     return b"; ".join(kept)
 
 
-def forwarded_for(client_values: list[bytes], peer: bytes, trusted_hops: int) -> bytes:
-    """X-Forwarded-For rebuilt: the last `trusted_hops` client-sent entries, then the peer.
-
-    Entries further left were written by whoever the client is and cannot be trusted.
-    """
+def trusted_entries(client_values: list[bytes], trusted_hops: int) -> list[bytes]:
+    """The last `trusted_hops` entries of the client's X-Forwarded-For values: those the trusted
+    proxies in front of us wrote. Entries further left were written by whoever the client is."""
     if trusted_hops <= 0 or not client_values:
-        return peer
+        return []
     entries = [e.strip() for value in client_values for e in value.split(b",") if e.strip()]
-    kept = entries[-trusted_hops:]
+    return entries[-trusted_hops:]
+
+
+def forwarded_for(client_values: list[bytes], peer: bytes, trusted_hops: int) -> bytes:
+    """X-Forwarded-For rebuilt: the last `trusted_hops` client-sent entries, then the peer."""
+    kept = trusted_entries(client_values, trusted_hops)
+    if not kept:
+        return peer
     kept.append(peer)
+    return b", ".join(kept)
+
+
+def real_ip(client_values: list[bytes], peer: bytes, trusted_hops: int) -> bytes:
+    """X-Real-IP rebuilt: the client as the first trusted proxy saw it (the leftmost trusted
+    X-Forwarded-For entry), else the socket peer; what nginx's realip module computes."""
+    kept = trusted_entries(client_values, trusted_hops)
+    return kept[0] if kept else peer
+
+
+def forwarded_node(peer: bytes) -> bytes:
+    """The socket peer as an RFC 7239 node: an IPv6 address bracketed and quoted (§6)."""
+    if not peer:
+        return b"unknown"
+    return b'"[' + peer + b']"' if b":" in peer else peer
+
+
+def forwarded_element(node: bytes, host: bytes | None) -> bytes:
+    """The proxy's own Forwarded element: `for=<peer>;host="<Host>";proto=http`. The host is
+    always a quoted-string (a port's ":" is not a token character); a valid Host holds no quote
+    or backslash."""
+    if host is None:
+        return b"for=" + node + b";proto=http"
+    return b"for=" + node + b';host="' + host + b'";proto=http'
+
+
+def forwarded_elements(values: list[bytes]) -> list[bytes]:
+    """The forwarded-elements of Forwarded values (RFC 7239 §4): split at commas outside
+    quoted strings, stripped, empty ones left out."""
+    elements: list[bytes] = []
+    for value in values:
+        start = 0
+        quoted = escaped = False
+        for i, byte in enumerate(value):
+            if escaped:
+                escaped = False
+            elif quoted and byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # double quote
+                quoted = not quoted
+            elif byte == 0x2C and not quoted:  # comma
+                elements.append(value[start:i])
+                start = i + 1
+        elements.append(value[start:])
+    return [element.strip() for element in elements if element.strip()]
+
+
+def forwarded(
+    client_values: list[bytes], node: bytes, host: bytes | None, trusted_hops: int
+) -> bytes:
+    """Forwarded rebuilt like X-Forwarded-For: the last `trusted_hops` elements the client sent,
+    then the proxy's own."""
+    own = forwarded_element(node, host)
+    if trusted_hops <= 0 or not client_values:
+        return own
+    kept = forwarded_elements(client_values)[-trusted_hops:]
+    kept.append(own)
     return b", ".join(kept)
