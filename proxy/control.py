@@ -121,7 +121,7 @@ class ControlPlane:
 
     # -- start-up ---------------------------------------------------------------------------------
 
-    def restore(self, state: RuntimeState) -> None:
+    async def restore(self, state: RuntimeState) -> None:
         """Put back the runtime state saved by an earlier run, on top of the file's config.
 
         A service's saved weights are used only when they still fit the file (same versions,
@@ -148,7 +148,7 @@ class ControlPlane:
                 self.state_entries_skipped += 1
                 log.warning("state file: rollouts.%s skipped: %s", name, exc)
         self.install()
-        self.rollouts.restored()
+        await self.rollouts.restored()
 
     def runtime_state(self) -> RuntimeState:
         return RuntimeState(
@@ -489,10 +489,12 @@ class ControlPlane:
         # In a fleet, a new release of the canary starts one run for the fleet: the leader's,
         # when its own file has it (every member reloads the same file sooner or later).
         for service, reason in starts if self.backend.deciding() else []:
-            await self._start_rollout(service, reason)
+            await self.start_rollout(service, reason)
         return ReloadResult(ok=True, changed=True)
 
-    async def _start_rollout(self, service: str, reason: str) -> None:
+    async def start_rollout(self, service: str, reason: str) -> None:
+        """The config changed the release under a rollout (a reload, or an edit made while
+        the proxy was down): a new run from weight 0, actor "config"."""
         try:
             await self.rollouts.start(service, actor="config", reason=reason, restart=True)
         except TransitionRefused as exc:

@@ -115,7 +115,7 @@ class Server:
         if config.state_file is not None:
             state = await asyncio.to_thread(load_state, config.state_file)
             if state is not None:
-                control.restore(state)
+                await control.restore(state)
                 log.info("runtime state restored from %s", config.state_file)
         if admin:
             admin_cfg = config.admin

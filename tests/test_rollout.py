@@ -613,7 +613,8 @@ async def test_a_reload_with_a_new_canary_revision_starts_a_rollout(tmp_path: Pa
         )
         assert (await control.reload()).ok
         [started] = events(proxy.server, "start")
-        assert started.actor == "config" and "revision 2.1" in started.reason
+        assert started.actor == "config"
+        assert "canary revision 2.0 -> 2.1 in the config" in started.reason
         await phase_is(control, "promoted")
 
 

@@ -331,3 +331,28 @@ def test_latency_p99_allows_exactly_one_percent_over_the_limit() -> None:
 def test_a_latency_limit_between_bucket_bounds_is_a_config_error_naming_the_bounds() -> None:
     with pytest.raises(ValueError, match=r"latency histogram's bounds.*150ms"):
         RolloutMetrics.model_validate({"latency_p99": {"max": "120ms"}})
+
+
+def test_a_new_release_supersedes_a_run_that_gave_its_candidate_all_the_traffic() -> None:
+    """A last step of 100 %: the new build of the canary starts at 0, it is not refused (that
+    refusal is for a start after a promotion, where the roles must be swapped first)."""
+    shop, rollout = service()
+    weights = {"stable": 0, "canary": 100}
+    running = RolloutState(phase="progressing", step=2, run=4)
+    out = controller.start(running, rollout, shop, weights, 0.0, reason="t", restart=True)
+    [decision] = out.decisions
+    assert decision.weights == {"stable": 100, "canary": 0}
+    assert decision.values["superseded"] == {"run": 4, "phase": "progressing", "step": 2}
+    assert "run 4 (progressing at step 2) superseded" in decision.reason
+    assert (out.state.run, out.state.step) == (5, 0)
+    with pytest.raises(TransitionRefused):  # after a promotion: still refused
+        controller.start(
+            RolloutState(phase="promoted"), rollout, shop, weights, 0.0, reason="t", restart=True
+        )
+
+
+def test_a_change_of_the_release_is_named() -> None:
+    describe = controller.describe_change
+    assert describe("canary|2.0|a:1", "canary|2.0|a:1") is None
+    assert describe("canary|2.0|a:1", "canary|2.1|a:1") == "canary revision 2.0 -> 2.1"
+    assert describe("canary||a:1", "canary||a:1,b:2") == "canary endpoints a:1 -> a:1,b:2"

@@ -163,6 +163,21 @@ def fingerprint(service: ServiceConfig, rollout: Rollout) -> str:
     return f"{candidate}|{version.revision or ''}|{endpoints}"
 
 
+def describe_change(old: str, new: str) -> str | None:
+    """What differs between two fingerprints of the same candidate, for an event's reason
+    ("canary revision 2.0 -> 2.1"); None when they are the same release."""
+    if old == new:
+        return None
+    candidate, old_revision, old_endpoints = [*old.split("|", 2), "", ""][:3]
+    _, new_revision, new_endpoints = [*new.split("|", 2), "", ""][:3]
+    changes = []
+    if old_revision != new_revision:
+        changes.append(f"revision {old_revision or '-'} -> {new_revision or '-'}")
+    if old_endpoints != new_endpoints:
+        changes.append(f"endpoints {old_endpoints or '-'} -> {new_endpoints or '-'}")
+    return f"{candidate} {', '.join(changes) or 'changed'}"
+
+
 def percent_units(service: ServiceConfig, percent: float) -> int:
     """Percent of traffic -> weight units (validation makes every step representable)."""
     return round(percent * service.weight_total / 100)
@@ -217,9 +232,13 @@ def start(
     the candidate already carries all the traffic (there would be nothing to roll out from).
     """
     candidate, baseline = roles(rollout)
-    if state.phase in RUNNING and not restart:
+    superseded = state.phase in RUNNING
+    if superseded and not restart:
         raise TransitionRefused(f"a rollout is already {state.phase}; abort it first")
-    if weights.get(candidate, 0) == service.weight_total and weights.get(baseline, 0) == 0:
+    # A run that put all the traffic on its candidate (a last step of 100 %) is replaced, not
+    # refused: the new release of that candidate has earned none of it.
+    full = weights.get(candidate, 0) == service.weight_total and weights.get(baseline, 0) == 0
+    if full and not superseded:
         raise TransitionRefused(
             f"{candidate} already has all the traffic: roll back to {baseline} first, or swap "
             f"the roles in the config to roll out the next release"
@@ -235,10 +254,17 @@ def start(
         reason=reason,
     )
     kind = "blue-green" if isinstance(rollout, BlueGreenRollout) else "canary"
+    values: dict[str, Any] = {}
+    why = f"{kind} rollout of {candidate} started: {reason}"
+    if superseded:
+        # The old run is not resumed anywhere: the record says which one this replaces.
+        values["superseded"] = {"run": state.run, "phase": state.phase, "step": state.step}
+        why += f"; run {state.run} ({state.phase} at step {state.step}) superseded"
     decision = Decision(
         "start",
-        f"{kind} rollout of {candidate} started: {reason}",
+        why,
         weights=target if dict(weights) != target else None,
+        values=values,
         thresholds=_thresholds(rollout),
     )
     return Outcome(_decided(new, decision, now), (decision,), again=True)

@@ -221,13 +221,17 @@ class RolloutManager:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def restored(self) -> None:
+    async def restored(self) -> None:
         """After a restart: drop states of rollouts the config no longer has; resume the
-        ticking ones at their step (the weights came back with the state file)."""
+        ticking ones at their step (the weights came back with the state file). A run whose
+        candidate got a new revision or endpoints while the proxy was down is superseded by a
+        new run from weight 0, exactly as a reload would start one (SPEC §6): the saved step's
+        weight was earned by the old build, never by this one."""
         services = self.control.config.services
         for name in list(self.control.rollout_state):
             if name not in services or services[name].rollout is None:
                 del self.control.rollout_state[name]
+        superseded: list[tuple[str, str]] = []
         for name, service in services.items():
             rollout = service.rollout
             state = self.state(name)
@@ -242,7 +246,21 @@ class RolloutManager:
                 state.reason = "the rollout's roles changed while the proxy was down"
                 self._store(name, state)
                 log.warning("%s: %s", name, state.reason)
+                continue
+            change = controller.describe_change(
+                state.fingerprint, controller.fingerprint(service, rollout)
+            )
+            if change is not None:
+                superseded.append((name, f"{change} while the proxy was down"))
+        for name, reason in superseded:
+            if not self.control.backend.deciding():
+                continue  # a fleet member: the fleet's state, not this file, has the run
+            log.warning("%s: %s: a new rollout starts from weight 0", name, reason)
+            await self.control.start_rollout(name, reason)
+        restarted = {name for name, _ in superseded}
         for name, service in services.items():
+            if name in restarted:
+                continue
             if service.rollout is not None and self.state(name).phase in TICKING:
                 log.info("%s: resuming the rollout (%s)", name, self.state(name).phase)
                 self._run(name, immediate=False)
@@ -290,14 +308,12 @@ class RolloutManager:
                     state.reason = "the rollout's roles changed in a reload"
                     self._store(name, state)
                 continue
-            old_print = controller.fingerprint(before, before.rollout)
-            new_print = controller.fingerprint(service, rollout)
-            if old_print != new_print:
-                candidate, _ = roles(rollout)
-                revision = service.versions[candidate].revision
-                starts.append(
-                    (name, f"{candidate} changed in the config (revision {revision or '-'})")
-                )
+            change = controller.describe_change(
+                controller.fingerprint(before, before.rollout),
+                controller.fingerprint(service, rollout),
+            )
+            if change is not None:
+                starts.append((name, f"{change} in the config"))
         return starts
 
     async def shutdown(self) -> None:
