@@ -29,22 +29,9 @@ class Failure(enum.Enum):
     OVERLOADED = (503, None, "too many connections")
     SHUTTING_DOWN = (503, None, "shutting down")
 
-    def __init__(self, status: int, upstream_kind: str | None, description: str) -> None:
+    # The text names the failure for a reader and keeps members with the same status and kind
+    # (the three 503s) distinct: equal values would make them aliases of one member.
+    def __init__(self, status: int, upstream_kind: str | None, _text: str) -> None:
         self.status = status
-        self.description = description
         # The label of laneswitch_upstream_errors_total; None when the upstream is not to blame.
         self.upstream_kind = upstream_kind
-
-    @property
-    def retry_after(self) -> bool:
-        """503s tell the client when to come back, with Retry-After."""
-        return self.status == 503
-
-
-class ProxyError(Exception):
-    """Raised inside the data plane to end an exchange with a local answer."""
-
-    def __init__(self, failure: Failure, detail: str = "") -> None:
-        super().__init__(detail or failure.name)
-        self.failure = failure
-        self.detail = detail

@@ -28,8 +28,6 @@ MAX_NOISE_EVENTS = 200
 # Actions that record what happened without changing traffic or a rollout's course.
 NOISE_ACTIONS = frozenset({"reload", "reload_failed", "hold", "webhook"})
 
-ACTORS = ("auto", "admin", "config")
-
 
 @dataclass(frozen=True, slots=True)
 class Event:

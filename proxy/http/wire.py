@@ -117,10 +117,6 @@ def response_header_kinds(own_headers: set[bytes]) -> HeaderKinds:
     return HeaderKinds(kinds)
 
 
-def header_line(name: bytes, value: bytes) -> bytes:
-    return name + b": " + value + b"\r\n"
-
-
 def named_by_connection(values: list[bytes]) -> frozenset[bytes]:
     """Header names a message's Connection headers declare hop-by-hop (usually none).
 
@@ -176,17 +172,9 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def local_answer(
-    status: int,
-    *,
-    close: bool,
-    body: bytes | None = None,
-    head_only: bool = False,
-    extra_headers: tuple[tuple[bytes, bytes], ...] = (),
-) -> bytes:
+def local_answer(status: int, *, close: bool, head_only: bool = False) -> bytes:
     """A complete response written by the proxy itself (errors, overload, 404 ...)."""
-    if body is None:
-        body = b"%d %s\n" % (status, reason_phrase(status))
+    body = b"%d %s\n" % (status, reason_phrase(status))
     parts = [
         status_line(status),
         b"Content-Type: text/plain; charset=utf-8\r\n",
@@ -194,7 +182,6 @@ def local_answer(
     ]
     if status == 503:
         parts.append(b"Retry-After: 1\r\n")
-    parts.extend(name + b": " + value + CRLF for name, value in extra_headers)
     if close:
         parts.append(b"Connection: close\r\n")
     parts.append(CRLF)

@@ -98,10 +98,6 @@ class UpstreamPool:
         while self.idle:
             self.idle.popleft().close()
 
-    @property
-    def in_use(self) -> int:
-        return len(self.busy)
-
 
 class UpstreamPools:
     """Every endpoint's pool in this process, with the periodic idle sweep."""
