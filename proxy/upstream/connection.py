@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
 import httptools
 
@@ -24,10 +24,6 @@ from proxy.http.wire import (
     UPGRADE,
     HeaderKinds,
 )
-
-if TYPE_CHECKING:
-    from proxy.upstream.pool import UpstreamPool
-
 
 # Bytes of reads an upstream may send inside one response head (and its interim responses)
 # before the response is refused as invalid: httptools holds a header until it ends, so this
@@ -74,6 +70,16 @@ class ResponseSink(Protocol):
     def upstream_write_resumed(self) -> None: ...
 
 
+class ConnectionOwner(Protocol):
+    """What a connection tells the pool it belongs to; the connection alone sets its state."""
+
+    def put_idle(self, conn: UpstreamConnection) -> None:
+        """`conn` may be reused: keep it idle, or close it if the pool wants no more."""
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """`conn` closed: drop it."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "body_seen",
@@ -89,6 +95,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "keep",
         "kinds",
+        "label",
         "last_body",
         "lines",
         "overrun",
@@ -104,10 +111,11 @@ class UpstreamConnection(asyncio.Protocol):
         "upgrade",
     )
 
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: ConnectionOwner, generation: int, label: str) -> None:
         # Per connection.
         self.pool = pool
-        self.generation = pool.generation
+        self.generation = generation  # the pool's when opened: a retired one is not reused
+        self.label = label  # the endpoint, for logs
         self.state = NEW
         self.transport: asyncio.Transport | None = None
         self.gate: ReadGate | None = None
@@ -141,7 +149,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return (
-            f"<UpstreamConnection {self.pool.endpoint.key} {self.state.value} "
+            f"<UpstreamConnection {self.label} {self.state.value} "
             f"gen={self.generation} exchanges={self.exchanges}>"
         )
 
@@ -359,6 +367,15 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_reading(self, reason: int) -> None:
         if self.gate is not None:
             self.gate.resume(reason)
+
+    def take(self) -> None:
+        """Handed out by the pool (new or reused): an exchange owns it now."""
+        self.state = ACTIVE
+
+    def park(self, now: float) -> None:
+        """Back in the pool's idle list since `now` (monotonic)."""
+        self.state = IDLE
+        self.idle_since = now
 
     def release(self, reusable: bool) -> None:
         """The exchange is over: back to the pool when `reusable`, else closed."""

@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 from proxy.routing.table import Endpoint
-from proxy.upstream.connection import ACTIVE, IDLE, UpstreamConnection
+from proxy.upstream.connection import IDLE, UpstreamConnection
 
 # Idle connections kept per endpoint: bounds the sockets and memory a traffic burst leaves behind.
 MAX_IDLE_PER_ENDPOINT = 256
@@ -51,7 +51,7 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()  # LIFO: the warmest connection, the least likely to be closed
             if conn.state is IDLE and now - conn.idle_since < self.idle_timeout:
-                conn.state = ACTIVE
+                conn.take()
                 self.busy.add(conn)
                 return conn
             conn.close()
@@ -62,12 +62,14 @@ class UpstreamPool:
         endpoint = self.endpoint
         async with asyncio.timeout(within):
             transport, conn = await self.loop.create_connection(
-                lambda: UpstreamConnection(self), endpoint.host, endpoint.port
+                lambda: UpstreamConnection(self, self.generation, endpoint.key),
+                endpoint.host,
+                endpoint.port,
             )
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.state = ACTIVE
+        conn.take()
         self.busy.add(conn)
         return conn
 
@@ -76,8 +78,7 @@ class UpstreamPool:
         if conn.generation != self.generation or len(self.idle) >= MAX_IDLE_PER_ENDPOINT:
             conn.close()
             return
-        conn.state = IDLE
-        conn.idle_since = time.monotonic()
+        conn.park(time.monotonic())
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:

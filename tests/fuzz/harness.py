@@ -36,7 +36,7 @@ from proxy.http.exchange import MAX_BUFFERED_BODY
 from proxy.http.plane import DataPlane
 from proxy.routing.build import build_table
 from proxy.upstream import connection as upstream_connection
-from proxy.upstream.connection import ACTIVE, UpstreamConnection
+from proxy.upstream.connection import UpstreamConnection
 from proxy.upstream.pool import UpstreamPool, UpstreamPools
 
 # The input's sections, in order: client 0's bytes, client 1's bytes, upstream templates, schedule.
@@ -336,10 +336,10 @@ class Harness:
         if self.templates and self.templates[0] == REFUSE:
             self.templates.popleft()
             raise ConnectionRefusedError(111, "Connection refused")
-        conn = UpstreamConnection(pool)
+        conn = UpstreamConnection(pool, pool.generation, pool.endpoint.key)
         upstream = FakeUpstream(self, conn)
         conn.connection_made(upstream.transport)  # type: ignore[arg-type]
-        conn.state = ACTIVE
+        conn.take()
         pool.busy.add(conn)
         self.upstreams.append(upstream)
         return conn
