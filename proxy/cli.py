@@ -74,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     from proxy.runtime import run_forever
     from proxy.server import run
-    from proxy.workers import WorkerStartError
+    from proxy.workers.supervisor import WorkerStartError
 
     try:
         return run_forever(run(config, config_path=path, config_text=text, workers=args.workers))

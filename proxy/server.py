@@ -32,7 +32,7 @@ from proxy.routing.build import build_table
 from proxy.routing.table import RouteTable
 from proxy.state import load_state
 from proxy.watch import ConfigWatcher
-from proxy.workers import WorkerPool, resolve_workers
+from proxy.workers.supervisor import WorkerPool, resolve_workers
 
 if TYPE_CHECKING:
     from proxy.fleet.coordinator import FleetCoordinator

@@ -27,17 +27,9 @@ from proxy.config.loader import parse_config
 from proxy.metrics import StatsRegistry
 from proxy.routing.build import build_table
 from proxy.routing.table import RouteTable
-from proxy.workers import (
-    MAX_MESSAGE_BYTES,
-    TABLE,
-    Channel,
-    CounterTracker,
-    WorkerPool,
-    encode,
-    fold,
-    resolve_workers,
-    usable_cores,
-)
+from proxy.workers.channel import MAX_MESSAGE_BYTES, TABLE, Channel, encode
+from proxy.workers.counters import CounterTracker, fold
+from proxy.workers.supervisor import WorkerPool, resolve_workers, usable_cores
 from tests.helpers import (
     ROOT,
     Client,
@@ -80,7 +72,7 @@ def test_an_in_flight_change_alone_is_reported() -> None:
     tracker = CounterTracker(worker)
     worker.get("shop", "blue").in_flight = 1
     (entry,) = tracker.deltas()
-    assert entry[0:2] == ("shop", "blue") and entry[5] == 0 and entry[9] == 1
+    assert entry.key == ("shop", "blue") and entry.latency_count == 0 and entry.in_flight == 1
 
 
 def test_workers_setting() -> None:

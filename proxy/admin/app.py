@@ -25,7 +25,7 @@ from proxy.admin.access import (
 )
 from proxy.admin.metrics import metrics_registry, render
 from proxy.control import ControlError, ControlPlane
-from proxy.workers import WorkerPool
+from proxy.workers.supervisor import WorkerPool
 
 log = logging.getLogger("laneswitch.admin")
 

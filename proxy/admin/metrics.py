@@ -25,7 +25,7 @@ from proxy.control import ControlPlane
 from proxy.metrics import LATENCY_BUCKETS, UPSTREAM_ERROR_KINDS, VersionStats
 from proxy.rollout.controller import PHASES, roles
 from proxy.routing.table import Endpoint
-from proxy.workers import WorkerPool
+from proxy.workers.supervisor import WorkerPool
 
 SV = ["service", "version"]
 # Reasons of `laneswitch_rollbacks_total`, exported from zero so rate() works from the start.

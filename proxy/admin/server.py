@@ -7,7 +7,7 @@ from aiohttp import web
 from proxy.admin.app import create_admin_app
 from proxy.config.model import parse_endpoint
 from proxy.control import ControlPlane
-from proxy.workers import WorkerPool
+from proxy.workers.supervisor import WorkerPool
 
 # How long `stop()` lets an admin call in progress finish before closing its connection.
 SHUTDOWN_TIMEOUT = 2.0

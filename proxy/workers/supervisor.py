@@ -1,56 +1,39 @@
-"""Worker processes behind one control plane (`workers: N`): the parent's side.
-
-With N > 1 the parent runs the control plane only (config and reloads, admin API, health checks,
-state file) and N worker processes each run a `DataPlane` on their own `SO_REUSEPORT` listeners,
-so the kernel spreads connections over them (`proxy.worker_main` is the worker's side).
-
-One socketpair per worker carries length-prefixed pickles both ways (only between our own
-processes). The parent pushes every new `RouteTable` and waits for the workers' acks before a
-change is acknowledged; the workers send counter deltas at least every `REPORT_INTERVAL` and on
-request, and the parent folds them into its own `StatsRegistry`, so everything that reads the
-counters (the `/metrics` collector, `/status`, the rollout analysis) sees one process.
-
-A worker goes through these states; only the parent moves it on:
-
-    STARTING --loaded--> JOINING (told to serve) --listening--> LISTENING --stop--> STOPPING
-        any state --process exit--> EXITED (restarted unless the pool is stopping)
-
-A worker is told to serve only after it has loaded the table in force; every table pushed before
-that message is ahead of it in the same stream, so a worker never serves with a table older than
-the one in force when it joined. From JOINING on it counts for the acks.
-"""
+"""The parent's side of worker processes: start, supervise, restart, push tables, fold counters."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
 import logging
 import os
-import pickle
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from proxy.metrics import StatsRegistry
 from proxy.routing.table import RouteTable
+from proxy.workers.channel import (
+    APPLIED,
+    COUNTERS,
+    INIT,
+    LISTENING,
+    LOADED,
+    REPORT,
+    SERVE,
+    STOP,
+    STOPPED,
+    TABLE,
+    Channel,
+    encode,
+)
+from proxy.workers.counters import CounterDelta, StatsKey, fold
+from proxy.workers.link import ADMITTED, WorkerLink, WorkerSlot, WorkerState
 
 log = logging.getLogger("laneswitch.workers")
 
-# -- bounds ----------------------------------------------------------------------------------------
-
-# Largest message either side accepts; a route table of thousands of services is far below. Bounds
-# what a confused peer can make the other side buffer.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-# Bytes queued to one worker that it has not read yet; above this it is stuck and is replaced.
-MAX_CHANNEL_BACKLOG = 8 * 1024 * 1024
-# A worker sends its counter deltas at least this often (seconds) when something changed.
-REPORT_INTERVAL = 0.25
 # How long a scrape waits for fresh counters from the workers before serving what it has.
 REFRESH_TIMEOUT = 0.2
 # How long a change waits for every worker to apply its table; a worker that has not by then is
@@ -68,228 +51,6 @@ CHANNEL_LOST_GRACE = 1.0
 # A worker that lived this long (seconds) is restarted at once; the delay starts over.
 STABLE_AFTER = 5.0
 
-# -- messages --------------------------------------------------------------------------------------
-# Each message is a tuple whose first item is one of these tags.
-
-# parent -> worker
-INIT = "init"  # (INIT, index, [(host, port), ...], backlog)
-TABLE = "table"  # (TABLE, RouteTable)
-SERVE = "serve"  # (SERVE,): bind the listeners and take connections
-REPORT = "report"  # (REPORT, seq): send counters now, answering with seq
-STOP = "stop"  # (STOP, drain_timeout): graceful stop, then exit 0
-# worker -> parent
-LOADED = "loaded"  # (LOADED,): the first table is installed
-APPLIED = "applied"  # (APPLIED, generation): the table in force
-LISTENING = "listening"  # (LISTENING, [(host, port), ...])
-COUNTERS = "counters"  # (COUNTERS, seq, [CounterEntry, ...], connections accepted since last)
-STOPPED = "stopped"  # (STOPPED, requests cut at the drain timeout)
-
-_HEADER = struct.Struct("!I")
-
-# (service, version, {code: n}, per-bucket counts, latency_sum, latency_count, {kind: n},
-#  client_aborts, drain_cut, in_flight): deltas, except in_flight, the worker's current value.
-CounterEntry = tuple[
-    str, str, dict[int, int], tuple[int, ...], float, int, dict[str, int], int, int, int
-]
-StatsKey = tuple[str, str]
-
-
-def encode(message: tuple[Any, ...]) -> bytes:
-    """One frame: a 4-byte big-endian length, then the pickle."""
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise ValueError(f"{message[0]} message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    return _HEADER.pack(len(body)) + body
-
-
-class Channel(asyncio.Protocol):
-    """One end of a parent-worker socketpair: frames in, `on_message` per message."""
-
-    def __init__(
-        self,
-        on_message: Callable[[tuple[Any, ...]], None],
-        on_lost: Callable[[], None],
-    ) -> None:
-        self.on_message = on_message
-        self.on_lost = on_lost
-        self.transport: asyncio.Transport | None = None
-        self.lost = asyncio.get_running_loop().create_future()
-        # Holds at most one frame being received (<= MAX_MESSAGE_BYTES) plus one read.
-        self._buffer = bytearray()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        offset = 0
-        end_of_data = len(buffer)
-        while end_of_data - offset >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buffer, offset)
-            if size > MAX_MESSAGE_BYTES:
-                log.error("channel: a %d-byte message exceeds the bound; closing", size)
-                self.abort()
-                return
-            end = offset + _HEADER.size + size
-            if end > end_of_data:
-                break
-            message = pickle.loads(buffer[offset + _HEADER.size : end])
-            offset = end
-            try:
-                self.on_message(message)
-            except Exception:
-                log.exception("channel: handling a %r message failed", message[0])
-                self.abort()
-                return
-        if offset:
-            del buffer[:offset]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if not self.lost.done():
-            self.lost.set_result(None)
-        self.on_lost()
-
-    @property
-    def open(self) -> bool:
-        return self.transport is not None and not self.transport.is_closing()
-
-    def send(self, message: tuple[Any, ...]) -> None:
-        self.send_frame(encode(message))
-
-    def send_frame(self, frame: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame)
-
-    @property
-    def backlog(self) -> int:
-        """Bytes written but not yet taken by the peer's socket."""
-        return self.transport.get_write_buffer_size() if self.transport is not None else 0
-
-    def close(self) -> None:
-        """Close after what is queued has been sent."""
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-
-# -- counters --------------------------------------------------------------------------------------
-
-
-class _Sent:
-    """What a worker last reported of one version's counters (cumulative)."""
-
-    __slots__ = (
-        "buckets",
-        "client_aborts",
-        "drain_cut",
-        "errors",
-        "in_flight",
-        "latency_count",
-        "latency_sum",
-        "requests",
-    )
-
-    def __init__(self, bucket_slots: int) -> None:
-        self.requests: dict[int, int] = {}
-        self.buckets = [0] * bucket_slots
-        self.latency_sum = 0.0
-        self.latency_count = 0
-        self.errors: dict[str, int] = {}
-        self.client_aborts = 0
-        self.drain_cut = 0
-        self.in_flight = 0
-
-
-class CounterTracker:
-    """A worker's side: the deltas of its `StatsRegistry` since the last call of `deltas()`."""
-
-    __slots__ = ("_sent", "stats")
-
-    def __init__(self, stats: StatsRegistry) -> None:
-        self.stats = stats
-        self._sent: dict[StatsKey, _Sent] = {}
-
-    def deltas(self) -> list[CounterEntry]:
-        entries: list[CounterEntry] = []
-        for vs in self.stats.all():
-            key = (vs.service, vs.version)
-            sent = self._sent.get(key)
-            if sent is None:
-                sent = self._sent[key] = _Sent(len(vs.latency_buckets))
-            errors_now = vs.upstream_errors
-            if (
-                vs.latency_count == sent.latency_count
-                and vs.in_flight == sent.in_flight
-                and vs.client_aborts == sent.client_aborts
-                and vs.drain_cut == sent.drain_cut
-                and errors_now == sent.errors
-            ):
-                continue  # requests only change with latency_count (one observe() each)
-            requests = {
-                code: n - sent.requests.get(code, 0)
-                for code, n in vs.requests.items()
-                if n != sent.requests.get(code, 0)
-            }
-            buckets = tuple(
-                now - before for now, before in zip(vs.latency_buckets, sent.buckets, strict=True)
-            )
-            errors = {
-                kind: n - sent.errors.get(kind, 0)
-                for kind, n in errors_now.items()
-                if n != sent.errors.get(kind, 0)
-            }
-            entries.append(
-                (
-                    vs.service,
-                    vs.version,
-                    requests,
-                    buckets,
-                    vs.latency_sum - sent.latency_sum,
-                    vs.latency_count - sent.latency_count,
-                    errors,
-                    vs.client_aborts - sent.client_aborts,
-                    vs.drain_cut - sent.drain_cut,
-                    vs.in_flight,
-                )
-            )
-            sent.requests = dict(vs.requests)
-            sent.buckets = list(vs.latency_buckets)
-            sent.latency_sum = vs.latency_sum
-            sent.latency_count = vs.latency_count
-            sent.errors = dict(errors_now)
-            sent.client_aborts = vs.client_aborts
-            sent.drain_cut = vs.drain_cut
-            sent.in_flight = vs.in_flight
-        return entries
-
-
-def fold(stats: StatsRegistry, entries: Sequence[CounterEntry]) -> None:
-    """Add a worker's deltas to the parent's counters (in_flight is handled by the caller)."""
-    for service, version, requests, buckets, lsum, lcount, errors, aborts, cut, _ in entries:
-        vs = stats.get(service, version)
-        counts = vs.requests
-        for code, n in requests.items():
-            counts[code] = counts.get(code, 0) + n
-        slots = vs.latency_buckets
-        for index, n in enumerate(buckets):
-            if n:
-                slots[index] += n
-        vs.latency_sum += lsum
-        vs.latency_count += lcount
-        kinds = vs.upstream_errors
-        for kind, n in errors.items():
-            kinds[kind] = kinds.get(kind, 0) + n
-        vs.client_aborts += aborts
-        vs.drain_cut += cut
-
-
-# -- the parent's side -----------------------------------------------------------------------------
-
 
 def usable_cores() -> int:
     """CPUs this process may run on (its affinity mask), for `workers: auto`."""
@@ -304,106 +65,6 @@ def resolve_workers(setting: int | str) -> int:
     if setting == "auto":
         return usable_cores()
     return int(setting)
-
-
-class WorkerState(enum.Enum):
-    STARTING = "starting"
-    JOINING = "joining"
-    LISTENING = "listening"
-    STOPPING = "stopping"
-    EXITED = "exited"
-
-
-# States in which a worker may place requests (or is about to): table acks wait for these.
-_ADMITTED = frozenset({WorkerState.JOINING, WorkerState.LISTENING, WorkerState.STOPPING})
-
-
-class WorkerLink:
-    """One worker process as the parent sees it."""
-
-    __slots__ = (
-        "answered",
-        "applied",
-        "channel",
-        "cut",
-        "in_flight",
-        "process",
-        "slot",
-        "started_at",
-        "state",
-    )
-
-    def __init__(self, slot: WorkerSlot, process: asyncio.subprocess.Process) -> None:
-        self.slot = slot
-        self.process = process
-        self.channel: Channel | None = None
-        self.state = WorkerState.STARTING
-        self.applied = 0  # highest table generation the worker reported as in force
-        self.answered = 0  # highest REPORT seq it answered
-        self.in_flight: dict[StatsKey, int] = {}  # its current gauge per version
-        self.cut = 0  # requests it cut at the drain timeout on its way out
-        self.started_at = time.monotonic()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.state is not WorkerState.EXITED
-
-    @property
-    def total_in_flight(self) -> int:
-        return sum(self.in_flight.values())
-
-    def send(self, message: tuple[Any, ...]) -> None:
-        self.send_frame(encode(message))
-
-    def send_frame(self, frame: bytes) -> None:
-        channel = self.channel
-        if channel is None or not self.alive:
-            return
-        channel.send_frame(frame)
-        if channel.backlog > MAX_CHANNEL_BACKLOG:
-            log.error(
-                "worker %d (pid %d) does not read its channel (%d bytes queued): restarting it",
-                self.slot.index,
-                self.pid,
-                channel.backlog,
-            )
-            self.kill()
-
-    def kill(self) -> None:
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-
-    def __repr__(self) -> str:
-        return (
-            f"<WorkerLink {self.slot.index} pid={self.pid} {self.state.value} "
-            f"applied={self.applied}>"
-        )
-
-
-class WorkerSlot:
-    """A worker's place in the pool: it outlives the processes that fill it."""
-
-    __slots__ = ("connections", "delay", "index", "link", "restarts")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.link: WorkerLink | None = None
-        self.restarts = 0
-        self.connections = 0  # accepted by every process that held this slot
-        self.delay = 0.0  # before the next restart
-
-    @property
-    def up(self) -> bool:
-        return self.link is not None and self.link.state is WorkerState.LISTENING
-
-    @property
-    def in_flight(self) -> int:
-        return self.link.total_in_flight if self.link is not None else 0
 
 
 class WorkerStartError(Exception):
@@ -460,7 +121,7 @@ class WorkerPool:
         return [s.link for s in self.slots if s.link is not None and s.link.alive]
 
     def _admitted(self) -> list[WorkerLink]:
-        return [link for link in self.links() if link.state in _ADMITTED]
+        return [link for link in self.links() if link.state in ADMITTED]
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -580,7 +241,7 @@ class WorkerPool:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "proxy.worker_main",
+                "proxy.workers.child",
                 "--channel-fd",
                 str(child_end.fileno()),
                 "--parent-pid",
@@ -709,16 +370,15 @@ class WorkerPool:
         else:
             log.warning("worker %d: unknown message %r", link.slot.index, tag)
 
-    def _fold(self, link: WorkerLink, entries: list[CounterEntry], connections: int) -> None:
+    def _fold(self, link: WorkerLink, entries: list[CounterDelta], connections: int) -> None:
         link.slot.connections += connections
         if not entries:
             return
         fold(self.stats, entries)
         keys: list[StatsKey] = []
-        for entry in entries:
-            key = (entry[0], entry[1])
-            link.in_flight[key] = entry[9]
-            keys.append(key)
+        for delta in entries:
+            link.in_flight[delta.key] = delta.in_flight
+            keys.append(delta.key)
         self._sum_in_flight(keys)
 
     def _sum_in_flight(self, keys: list[StatsKey]) -> None:
@@ -813,7 +473,7 @@ def _describe_exit(code: int) -> str:
 def _child_env() -> dict[str, str]:
     """The environment of a worker: ours, with this package importable from anywhere."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = root if not path else f"{root}{os.pathsep}{path}"
     return env

@@ -1,7 +1,7 @@
-"""A worker process (`workers: N`, N > 1): one `DataPlane` on its own `SO_REUSEPORT` listeners,
-steered by the parent over a socketpair (see `proxy.workers` for the protocol).
+"""A worker process (`workers: N`, N > 1): one `DataPlane` on its own `SO_REUSEPORT` listeners.
 
-Started by the parent as `python -m proxy.worker_main --channel-fd FD --parent-pid PID --index I`.
+It is steered by the parent over a socketpair (`proxy.workers.channel` has the messages).
+Started by the parent as `python -m proxy.workers.child --channel-fd FD --parent-pid PID --index I`.
 It reads no config: the listen addresses come in the INIT message, everything else with the
 route tables. It ignores SIGINT and SIGHUP (the terminal sends them to the whole process group;
 the parent decides), stops gracefully on SIGTERM or a STOP message, and when the parent goes
@@ -27,7 +27,7 @@ import uvloop
 from proxy.http.plane import DataPlane
 from proxy.http.protocol import DownstreamProtocol
 from proxy.routing.table import RouteTable
-from proxy.workers import (
+from proxy.workers.channel import (
     APPLIED,
     COUNTERS,
     INIT,
@@ -41,8 +41,8 @@ from proxy.workers import (
     STOPPED,
     TABLE,
     Channel,
-    CounterTracker,
 )
+from proxy.workers.counters import CounterTracker
 
 log = logging.getLogger("laneswitch.worker")
 
