@@ -631,15 +631,23 @@ class Member:
 
 
 async def admin_call(
-    port: int, method: str, path: str, body: object = None, timeout: float = 10.0
+    port: int,
+    method: str,
+    path: str,
+    body: object = None,
+    timeout: float = 10.0,
+    token: str | None = None,
 ) -> tuple[int, dict]:  # type: ignore[type-arg]
-    """One admin API call on loopback: (status, decoded JSON or {})."""
+    """One admin API call on loopback (with `token` as its bearer token): (status, decoded
+    JSON or {})."""
     import json as _json
 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         data = _json.dumps(body).encode() if body is not None else b""
         head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+        if token is not None:
+            head += f"Authorization: Bearer {token}\r\n"
         if body is not None:
             head += "Content-Type: application/json\r\n"
         head += f"Content-Length: {len(data)}\r\n\r\n"

@@ -22,10 +22,12 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from proxy.admin.console import CONSOLE_PATHS
 from proxy.config.model import AdminConfig, is_loopback_host
 
-# Calls a load balancer or orchestrator makes without credentials.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# Calls a load balancer or orchestrator makes without credentials, and the console's page and
+# assets (they hold no data; a browser navigation cannot send a bearer header).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"}) | CONSOLE_PATHS
 
 # Methods that change something; only these carry a body the API reads.
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})

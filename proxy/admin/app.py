@@ -23,6 +23,7 @@ from proxy.admin.access import (
     browser_safety_middleware,
     error,
 )
+from proxy.admin.console import add_console_routes
 from proxy.admin.metrics import metrics_registry, render
 from proxy.control import ControlError, ControlPlane
 from proxy.workers.supervisor import WorkerPool
@@ -272,4 +273,5 @@ def create_admin_app(
     app.router.add_post("/services/{svc}/rollback", rollback)
     # 200 with the rollout's status, 409 when the phase does not allow it, 404 without a rollout.
     app.router.add_post("/services/{svc}/rollout/{action}", rollout)
+    add_console_routes(app)
     return app

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.config.model import BlueGreenRollout, CanaryRollout, Config, ServiceConfig
 from proxy.metrics import StatsSnapshot
 from proxy.rollout import controller
-from proxy.rollout.analysis import Measured, analyse
+from proxy.rollout.analysis import Measured, analyse, thresholds_of
 from proxy.rollout.controller import (
     RUNNING,
     TICKING,
@@ -88,6 +88,8 @@ class RolloutManager:
             "threshold": rollout.threshold,
             "interval": rollout.interval,
             "min_requests": rollout.min_requests,
+            # What every interval is judged against (the console draws them on its charts).
+            "thresholds": thresholds_of(rollout.metrics, rollout.min_requests),
             "reason": state.reason,
             "started_at": state.started_at,
             "step_at": state.step_at,
