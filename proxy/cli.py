@@ -13,12 +13,14 @@ from proxy.client import add_client_commands
 DEFAULT_CONFIG = "config/laneswitch.yaml"
 
 DEMO_HELP = """\
-Starts blue (127.0.0.1:9001) and green (127.0.0.1:9002), the proxy on 127.0.0.1:8080 and the admin
-API on 127.0.0.1:9901, sends about 50 requests/s through the proxy itself (so the rollout's
-analysis has something to measure), and rolls green out as a canary: 10 %, 25 %, 50 %, one step
-every 5 s while green answers well, then promoted. Then it makes green fail 30 % of its requests
-and rolls it out again: the proxy rolls it back on its own. About a minute in all; watch it with
-`laneswitch status --watch`. To replay the failing case by hand:
+Starts blue (127.0.0.1:9001) and green (127.0.0.1:9002; any free ports where these are taken), the
+proxy on 127.0.0.1:8080 and the admin API with the web console on 127.0.0.1:9901 (--port and
+--admin-port pick others, 0 any free ones; the first line printed is the console's URL), sends
+about 50 requests/s through the proxy itself (so the rollout's analysis has something to
+measure), and rolls green out as a canary: 10 %, 25 %, 50 %, one step every 5 s while green
+answers well, then promoted. Then it makes green fail 30 % of its requests and rolls it out
+again: the proxy rolls it back on its own. About a minute in all; watch it with `laneswitch
+status --watch`. To replay the failing case by hand:
 
   curl -X POST 'http://127.0.0.1:9002/demo/fail?rate=0.3'   # green fails 30 % (rate=0 heals)
   laneswitch rollback shop && laneswitch rollout start shop
@@ -56,28 +58,29 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from proxy.config.loader import ConfigError, parse_config
+    from proxy.config.loader import ConfigError, parse_config, read_config_text
 
     _setup_logging()
     path = str(args.config)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_config_text(path)
         config = parse_config(text, source=path)
-    except OSError as exc:
-        print(f"{path}: cannot read the config file: {exc.strerror or exc}", file=sys.stderr)
-        return 1
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 1
     from proxy.runtime import run_forever
-    from proxy.server import run
+    from proxy.server import ListenError, run
     from proxy.workers.supervisor import WorkerStartError
 
     try:
         return run_forever(run(config, config_path=path, config_text=text, workers=args.workers))
+    except ListenError as exc:
+        hint = (
+            f" (stop what listens there, or change `{exc.field}` in {path})" if exc.in_use else ""
+        )
+        print(f"laneswitch: cannot start: {exc}{hint}", file=sys.stderr)
+        return 1
     except (OSError, WorkerStartError) as exc:
         print(f"laneswitch: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -98,10 +101,25 @@ def workers_arg(text: str) -> int | str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging()
-    from proxy.demo import demo
+    from proxy.demo import DemoStartError, demo
     from proxy.runtime import run_forever
 
-    return run_forever(demo(args.fail_rate))
+    try:
+        return run_forever(demo(args.fail_rate, args.port, args.admin_port))
+    except DemoStartError as exc:
+        print(f"laneswitch demo: {exc}", file=sys.stderr)
+        return 1
+
+
+def port_arg(text: str) -> int:
+    """`demo --port/--admin-port`: a TCP port, 0 for any free one."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {text!r}")
+    return port
 
 
 def fail_rate_arg(text: str) -> float:
@@ -150,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="green fails this share of its requests (0..1) from the start, and the tour is one "
         "rollout of it (e.g. 0.3: rolled back within about 10 s)",
+    )
+    demo.add_argument(
+        "--port",
+        type=port_arg,
+        default=8080,
+        metavar="N",
+        help="the proxy's port on 127.0.0.1 (default 8080; 0 = any free port, printed)",
+    )
+    demo.add_argument(
+        "--admin-port",
+        type=port_arg,
+        default=9901,
+        metavar="N",
+        help="the admin API's and console's port on 127.0.0.1 (default 9901; 0 = any free port)",
     )
     demo.set_defaults(func=cmd_demo)
 

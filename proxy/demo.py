@@ -6,33 +6,45 @@ rollout with nothing to install or configure. The tour: green is rolled out step
 promoted; then green is told to fail 30 % of its requests, rolled out again, and rolled back by
 the proxy on its own. The green upstream takes `POST /demo/fail?rate=R` to fail a share R of its
 requests (0 heals it), so the failing case can be replayed by hand.
+
+A newcomer's first minute: a port already taken is one line naming it and the flags that pick
+others (`--port`, `--admin-port`, 0 for free ones), with nothing left running; the console's URL
+is the first line printed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from string import Template
 
 import aiohttp
 from aiohttp import web
 
 from proxy.config.loader import parse_config
 from proxy.control import ControlPlane
-from proxy.server import Server, serve_until_signalled
+from proxy.server import ListenError, Server, serve_until_signalled
 
 log = logging.getLogger("laneswitch.demo")
 
-DEMO_CONFIG = """
-listen: 127.0.0.1:8080
-admin: {listen: 127.0.0.1:9901}
+# The proxy's and the admin API's ports unless --port / --admin-port say otherwise (SPEC §1).
+DEFAULT_PORT = 8080
+DEFAULT_ADMIN_PORT = 9901
+
+DEMO_CONFIG = Template("""
+listen: 127.0.0.1:$port
+admin: {listen: 127.0.0.1:$admin_port}
 drain_timeout: 2s
+$extra
 services:
   shop:
     versions:
-      blue: {endpoints: ["127.0.0.1:9001"], weight: 100, revision: "1.0.0"}
-      green: {endpoints: ["127.0.0.1:9002"], weight: 0, revision: "1.1.0"}
+      blue: {endpoints: ["127.0.0.1:$blue"], weight: 100, revision: "1.0.0"}
+      green: {endpoints: ["127.0.0.1:$green"], weight: 0, revision: "1.1.0"}
     sticky: {header: X-User-Id}
     force: {header: X-Canary, cookie: canary}
     version_header: X-App-Version
@@ -50,8 +62,10 @@ services:
         success_rate: {min: 95}
         latency_p99: {max: 500ms}
         success_rate_vs_stable: {max_drop: 3}
-"""
+""")
 
+# Where the upstreams listen when these ports are free; else any free port (they are only
+# named in the printed commands, which show the port in use).
 DEMO_UPSTREAMS = {"blue": 9001, "green": 9002}
 
 # The demo's own traffic: this many clients, each sending a request every TRAFFIC_PAUSE seconds
@@ -59,26 +73,83 @@ DEMO_UPSTREAMS = {"blue": 9001, "green": 9002}
 TRAFFIC_CLIENTS = 2
 TRAFFIC_PAUSE = 0.04
 
-TRY_IT = """
-laneswitch demo: blue and green behind http://127.0.0.1:8080, admin API on http://127.0.0.1:9901
+TRY_IT = Template("""
+laneswitch demo: blue and green behind http://127.0.0.1:$port, admin API on http://127.0.0.1:$admin
 The demo sends about 50 requests/s through the proxy itself, so the rollout has traffic to judge.
-
+$admin_env
   laneswitch status --watch                               # the rollout live, step by step
-  curl -s http://127.0.0.1:9901/events | python3 -m json.tool   # the decision record
+  curl -s http://127.0.0.1:$admin/events | python3 -m json.tool   # the decision record
 
-  curl -i http://127.0.0.1:8080/                          # weighted: blue, green as it rolls out
-  curl -s -H 'X-User-Id: alice' http://127.0.0.1:8080/    # sticky: alice always gets the same one
-  curl -s -H 'X-Canary: green' http://127.0.0.1:8080/     # forced to a version by header
-  curl -s -b 'canary=blue' http://127.0.0.1:8080/         # ... or by cookie
+  curl -i http://127.0.0.1:$port/                         # weighted: blue, green as it rolls out
+  curl -s -H 'X-User-Id: alice' http://127.0.0.1:$port/   # sticky: alice always gets the same one
+  curl -s -H 'X-Canary: green' http://127.0.0.1:$port/    # forced to a version by header
+  curl -s -b 'canary=blue' http://127.0.0.1:$port/        # ... or by cookie
 
-  curl -X POST 'http://127.0.0.1:9002/demo/fail?rate=0.3' # make green fail 30 % (rate=0 heals it)
+  curl -X POST 'http://127.0.0.1:$green/demo/fail?rate=0.3' # make green fail 30 % (rate=0 heals it)
   laneswitch rollback shop                                # all traffic back to blue
   laneswitch rollout start shop                           # ... and roll green out again
   laneswitch rollout pause|resume|promote|abort shop      # steer a running rollout
-  curl -s http://127.0.0.1:9901/metrics | grep -E 'laneswitch_(rollout|analysis|rollbacks)'
+  curl -s http://127.0.0.1:$admin/metrics | grep -E 'laneswitch_(rollout|analysis|rollbacks)'
 
 Ctrl-C stops it.
-"""
+""")
+
+
+class DemoStartError(Exception):
+    """The demo could not start; the message is the one line printed (nothing is left running)."""
+
+
+def demo_config(port: int, admin_port: int, upstreams: Mapping[str, int], extra: str = "") -> str:
+    """The demo's config text: proxy and admin on these loopback ports (0: any free one), in
+    front of the upstreams' ports; `extra` goes in at the top level (a fleet block)."""
+    return DEMO_CONFIG.substitute(
+        port=port,
+        admin_port=admin_port,
+        blue=upstreams["blue"],
+        green=upstreams["green"],
+        extra=extra,
+    )
+
+
+def console_line(admin_port: int) -> str:
+    """The first line the demo prints: where the web console is."""
+    return (
+        f"laneswitch demo: the console is on http://127.0.0.1:{admin_port}/ (open it in a browser)"
+    )
+
+
+def admin_env(admin_port: int) -> str:
+    """A line pointing the client commands at a demo on another admin port than their default."""
+    if admin_port == DEFAULT_ADMIN_PORT:
+        return ""
+    return (
+        f"\n  export LANESWITCH_ADMIN=http://127.0.0.1:{admin_port}"
+        "   # the laneswitch commands below talk to this demo\n"
+    )
+
+
+def taken_port_message(exc: ListenError, what: str) -> str:
+    """One line: which port is taken, by the proxy or the admin API, and how to pick others."""
+    port = exc.address.rpartition(":")[2]
+    role = "the proxy" if exc.field == "listen" else "the admin API"
+    problem = "is already in use" if exc.in_use else f"cannot be used ({exc})"
+    return (
+        f"port {port} ({role}{what}) {problem}; pick others with --port N and --admin-port N "
+        "(0 = any free port, printed), e.g. laneswitch demo --port 0 --admin-port 0"
+    )
+
+
+@contextlib.contextmanager
+def quiet_start() -> Iterator[None]:
+    """No INFO lines while the proxy starts: the demo prints its ports itself, and the console
+    URL is the first line a newcomer sees (or the one-line error is the only one)."""
+    logger = logging.getLogger("laneswitch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @dataclass
@@ -127,17 +198,46 @@ def demo_app(version: str, failing: Failing | None = None) -> web.Application:
     return app
 
 
-async def start_upstream(version: str, port: int, failing: Failing | None = None) -> web.AppRunner:
-    runner = web.AppRunner(demo_app(version, failing), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
+@dataclass
+class Upstreams:
+    """The demo's blue and green upstreams, running; `ports` are the bound ones."""
+
+    runners: list[web.AppRunner] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    async def stop(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
 
 
-async def traffic(url: str) -> None:
-    """A small steady client load, so the rollout's analysis has requests to judge."""
+async def start_upstreams(green: Failing) -> Upstreams:
+    """Blue and green on DEMO_UPSTREAMS' ports, or any free ones where those are taken."""
+    started = Upstreams()
+    try:
+        for name, port in DEMO_UPSTREAMS.items():
+            runner = web.AppRunner(
+                demo_app(name, green if name == "green" else None), access_log=None
+            )
+            await runner.setup()
+            started.runners.append(runner)
+            try:
+                await web.TCPSite(runner, "127.0.0.1", port).start()
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                await web.TCPSite(runner, "127.0.0.1", 0).start()
+            started.ports[name] = int(runner.addresses[0][1])
+    except BaseException:
+        await started.stop()
+        raise
+    return started
 
-    async def one(session: aiohttp.ClientSession) -> None:
+
+async def traffic(urls: Sequence[str]) -> None:
+    """A small steady client load, so the rollout's analysis has requests to judge:
+    TRAFFIC_CLIENTS clients per URL."""
+
+    async def one(session: aiohttp.ClientSession, url: str) -> None:
         while True:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with session.get(url) as response:
@@ -146,7 +246,7 @@ async def traffic(url: str) -> None:
 
     timeout = aiohttp.ClientTimeout(total=5)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        await asyncio.gather(*(one(session) for _ in range(TRAFFIC_CLIENTS)))
+        await asyncio.gather(*(one(session, url) for url in urls for _ in range(TRAFFIC_CLIENTS)))
 
 
 async def settled(control: ControlPlane, service: str) -> str:
@@ -176,28 +276,45 @@ async def tour(control: ControlPlane, green: Failing, fail_rate: float | None) -
     print("[demo] your turn: see the commands above; Ctrl-C stops the demo", flush=True)
 
 
-async def demo(fail_rate: float | None = None) -> None:
-    config = parse_config(DEMO_CONFIG, source="<demo>")
+async def demo(
+    fail_rate: float | None = None, port: int = DEFAULT_PORT, admin_port: int = DEFAULT_ADMIN_PORT
+) -> None:
+    """Run the demo until SIGINT/SIGTERM; DemoStartError (one line) when it cannot start."""
     green = Failing(rate=fail_rate or 0.0)
-    runners = [
-        await start_upstream(name, port, green if name == "green" else None)
-        for name, port in DEMO_UPSTREAMS.items()
-    ]
-    server = Server(config, config_text=DEMO_CONFIG)
-    await server.start()
-    print(TRY_IT, flush=True)
-    loop = asyncio.get_running_loop()
-    background = [
-        loop.create_task(traffic("http://127.0.0.1:8080/")),
-        loop.create_task(tour(server.control, green, fail_rate)),
-    ]
+    upstreams = await start_upstreams(green)
     try:
-        await serve_until_signalled(server)
+        text = demo_config(port, admin_port, upstreams.ports)
+        server = Server(parse_config(text, source="<demo>"), config_text=text)
+        try:
+            with quiet_start():
+                await server.start()
+        except ListenError as exc:
+            raise DemoStartError(taken_port_message(exc, "")) from None
+        data_port = server.addresses[0][1]
+        admin = server.admin_port
+        assert admin is not None
+        print(console_line(admin), flush=True)
+        print(
+            TRY_IT.substitute(
+                admin_env=admin_env(admin),
+                port=data_port,
+                admin=admin,
+                green=upstreams.ports["green"],
+            ),
+            flush=True,
+        )
+        loop = asyncio.get_running_loop()
+        background = [
+            loop.create_task(traffic([f"http://127.0.0.1:{data_port}/"])),
+            loop.create_task(tour(server.control, green, fail_rate)),
+        ]
+        try:
+            await serve_until_signalled(server)
+        finally:
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
     finally:
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for runner in runners:
-            await runner.cleanup()
+        await upstreams.stop()

@@ -17,7 +17,9 @@ This process's own `DataPlane` then serves nothing; it only holds the table in f
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import signal
 from typing import TYPE_CHECKING
 
@@ -41,6 +43,19 @@ log = logging.getLogger("laneswitch")
 
 # Pending connections the kernel queues per listener before accepting; nginx's default is 511.
 LISTEN_BACKLOG = 1024
+
+
+class ListenError(Exception):
+    """An address of the config could not be bound: the field, the address and why, in one
+    line (e.g. `listen 127.0.0.1:8080: Address already in use`)."""
+
+    def __init__(self, field: str, address: str, exc: OSError) -> None:
+        self.field = field  # "listen" or "admin.listen"
+        self.address = address
+        self.in_use = exc.errno == errno.EADDRINUSE
+        # uvloop's message repeats the address; the errno's own text is the reason.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        super().__init__(f"{field} {address}: {reason}")
 
 
 class Server:
@@ -110,6 +125,16 @@ class Server:
         return self.admin.port if self.admin is not None else None
 
     async def start(self, *, admin: bool = True, watch: bool = True) -> None:
+        """Start everything in order; if any part fails (a taken port: `ListenError`), what
+        had started is stopped again before the error goes on, so a failed start leaves
+        nothing running, nothing unclosed and the state file as it was."""
+        try:
+            await self._start(admin=admin, watch=watch)
+        except BaseException:
+            await self._abandon()
+            raise
+
+    async def _start(self, *, admin: bool, watch: bool) -> None:
         config = self.config
         control = self.control
         if config.state_file is not None:
@@ -119,13 +144,16 @@ class Server:
                 log.info("runtime state restored from %s", config.state_file)
         if admin:
             admin_cfg = config.admin
-            self.admin = await start_admin(
-                control,
-                admin_cfg.listen,
-                admin_cfg.token,
-                admin_cfg.metrics_public,
-                workers=self.pool,
-            )
+            try:
+                self.admin = await start_admin(
+                    control,
+                    admin_cfg.listen,
+                    admin_cfg.token,
+                    admin_cfg.metrics_public,
+                    workers=self.pool,
+                )
+            except OSError as exc:
+                raise ListenError("admin.listen", admin_cfg.listen, exc) from exc
             log.info("admin API on %s:%d", parse_endpoint(admin_cfg.listen)[0], self.admin.port)
         if self.coordinator is not None:
             # Before the listeners: the first request already follows the fleet, not the file.
@@ -133,13 +161,19 @@ class Server:
         await self._start_health()
         control.config_listeners.append(self._config_changed)
         if self.pool is not None:
-            await self._start_workers()
+            try:
+                await self._start_workers()
+            except OSError as exc:  # the parent binds every address before any worker starts
+                raise ListenError("listen", ", ".join(config.listen), exc) from exc
         else:
             for address in config.listen:
                 host, port = parse_endpoint(address)
-                listener = await self.loop.create_server(
-                    self.plane.protocol, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
-                )
+                try:
+                    listener = await self.loop.create_server(
+                        self.plane.protocol, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+                    )
+                except OSError as exc:
+                    raise ListenError("listen", address, exc) from exc
                 self.listeners.append(listener)
             self.plane.start_ticker()
             control.listening = True
@@ -149,6 +183,34 @@ class Server:
             self.watcher = ConfigWatcher(control.config_path, self._reload_from_file)
             self.watcher.start()
         log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in self.addresses))
+
+    async def _abandon(self) -> None:
+        """Undo a start that failed part way, in the reverse order. Nothing is saved: the
+        state file keeps what the last run wrote."""
+        self.control.draining = True
+        self.control.listening = False
+        for listener in self.listeners:
+            listener.close()
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.pool is not None:
+            await self.pool.kill_all()
+            self.pool.close_reservations()
+        if self.coordinator is not None:
+            await self.coordinator.stop()  # hands a lease it took back to the fleet
+        self.plane.stop_ticker()
+        self.plane.stop_drains()
+        self.plane.pools.close()
+        self.control.close()
+        for sampler in (self._sampler, self._history_sampler):
+            if sampler is not None:
+                sampler.cancel()
+        if self.health is not None:
+            await self.health.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+        for listener in self.listeners:
+            await listener.wait_closed()
 
     async def _start_workers(self) -> None:
         """Start the worker processes with the table in force; returns once all listen."""
@@ -268,14 +330,7 @@ async def run(
     """Run the proxy of `config` until SIGTERM/SIGINT; SIGHUP reloads the config file.
     `workers` (N or "auto") overrides the config's."""
     server = Server(config, config_path=config_path, config_text=config_text, workers=workers)
-    try:
-        await server.start()
-    except BaseException:
-        if server.pool is not None:
-            await server.pool.kill_all()
-        if server.admin is not None:
-            await server.admin.stop()
-        raise
+    await server.start()  # a failed start stops what it had started
     await serve_until_signalled(server)
 
 

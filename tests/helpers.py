@@ -40,6 +40,28 @@ def laneswitch_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "proxy"]
 
 
+async def run_cli(
+    *args: str, timeout: float = 30, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """`laneswitch ARGS...` to its end (bounded): (exit status, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        *laneswitch_command(),
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 @dataclass
 class ReceivedRequest:
     """One request exactly as an upstream received it."""

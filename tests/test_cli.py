@@ -11,22 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import Client, RecordingUpstream, get, laneswitch_command, raw_upstream
+from tests.helpers import (
+    Client,
+    RecordingUpstream,
+    get,
+    laneswitch_command,
+    raw_upstream,
+    run_cli,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def run_cli(*args: str, timeout: float = 30) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        *laneswitch_command(),
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_check_accepts_the_default_config() -> None:
@@ -119,17 +113,36 @@ async def test_python_dash_m_proxy_is_the_same_program() -> None:
 
 
 async def test_demo_serves_blue_and_green_rolls_green_out_and_stops_on_ctrl_c() -> None:
+    # Free ports (0): the printed ones are the ones that answer; the first line is the console.
     process = await asyncio.create_subprocess_exec(
         *laneswitch_command(),
         "demo",
+        "--port",
+        "0",
+        "--admin-port",
+        "0",
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert process.stdout is not None
+        first = (await asyncio.wait_for(process.stdout.readline(), 15)).decode()
+        console = re.fullmatch(
+            r"laneswitch demo: the console is on http://127\.0\.0\.1:(\d+)/ .*\n", first
+        )
+        assert console is not None, first
+        admin_port = int(console.group(1))
+        line = await wait_for_line(process.stdout, r"blue and green behind")
+        ports = re.search(
+            r"http://127\.0\.0\.1:(\d+), admin API on http://127\.0\.0\.1:(\d+)", line
+        )
+        assert ports is not None, line
+        port = int(ports.group(1))
+        assert int(ports.group(2)) == admin_port
+        assert 0 not in (port, admin_port)
         await wait_for_line(process.stdout, r"Ctrl-C")
-        client = await Client.connect(8080)
+        client = await Client.connect(port)
         bodies = {(await client.request(get())).body for _ in range(20)}
         assert b"blue\n" in bodies
         forced = await client.request(get(extra="X-Canary: green\r\n"))
@@ -137,8 +150,8 @@ async def test_demo_serves_blue_and_green_rolls_green_out_and_stops_on_ctrl_c() 
         await client.close()
         # The tour starts a canary rollout of green, judged on the demo's own traffic.
         await wait_for_line(process.stdout, r"act 1: rolling out green")
-        admin = await Client.connect(9901)
-        status = await admin.request(get("/status", host="127.0.0.1:9901"))
+        admin = await Client.connect(admin_port)
+        status = await admin.request(get("/status", host=f"127.0.0.1:{admin_port}"))
         await admin.close()
         rollout = json.loads(status.body)["services"]["shop"]["rollout"]
         assert rollout["strategy"] == "canary" and rollout["phase"] == "progressing"

@@ -38,6 +38,7 @@ __all__ = [
     "format_validation_error",
     "load_config",
     "parse_config",
+    "read_config_text",
     "summarize",
 ]
 
@@ -266,14 +267,19 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 
     An unreadable or non-UTF-8 file is a ConfigError naming the path.
     """
+    return parse_config(read_config_text(path), env, os.fspath(path))
+
+
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """The text of the config file at `path`; unreadable or not UTF-8: a ConfigError naming
+    the path."""
     source = os.fspath(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read the config file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return parse_config(text, env, source)
 
 
 def config_digest(text: str) -> str:

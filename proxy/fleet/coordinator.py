@@ -71,10 +71,28 @@ APPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Key of the writer's clock in the stored state (for the apply-latency histogram).
 WRITTEN_AT = "written_at"
 
+# How long `stop()` waits for a cancelled task before cancelling it again (seconds).
+CANCEL_AGAIN = 0.1
+
 # Decisions only a leader takes: written by a member that does not lead, they are refused.
 _LEADER_ACTIONS = frozenset(
     {"step", "switch", "hold", "check_failed", "promoting", "promote", "bake", "webhook"}
 )
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel `tasks` and wait until each has ended, cancelling again while one runs on: on
+    Python 3.11 `asyncio.wait_for`, which redis-py puts around every write, drops a cancel that
+    lands as the write completes (cpython #86296, fixed in 3.12), and the task would go on."""
+    for task in tasks:
+        task.cancel()
+    while pending := [task for task in tasks if not task.done()]:
+        await asyncio.wait(pending, timeout=CANCEL_AGAIN)
+        for task in pending:
+            task.cancel()
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: a task that failed is not reported again at exit
 
 
 def _normal(value: Any) -> Any:
@@ -149,11 +167,7 @@ class FleetCoordinator(StateBackend):
 
     async def stop(self) -> None:
         """Leave: stop every task, hand the lease back (another member takes it at once)."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await _cancel_all(self._tasks)
         self._tasks.clear()
         if self.leadership.epoch is not None:
             self.leadership.lost()
