@@ -429,6 +429,27 @@ async def test_a_healthy_blue_green_bake_is_promoted_after_the_bake_time(tmp_pat
     assert load.errors == [] and {s for s, _ in load.statuses} == {200}
 
 
+async def test_a_bake_shorter_than_an_interval_still_needs_two_passing_intervals(
+    tmp_path: Path,
+) -> None:
+    """SPEC §6: bake_time *and* at least 2 passing intervals; one interval is one sample."""
+    async with (
+        two_upstreams() as (blue, green),
+        admin_proxy(tmp_path, blue_green_config(blue.endpoint, green.endpoint, "100ms")) as proxy,
+        steady_load(proxy.proxy_port),
+    ):
+        await start(proxy)
+        await phase_is(proxy.server.control, "promoted")
+        judged = [
+            e for e in proxy.server.control.events.since(0) if e.action in ("bake", "promoting")
+        ]
+        assert [e.action for e in judged] == ["bake", "promoting"]
+        assert [e.values["passing_intervals"] for e in judged] == [1, 2]
+        assert judged[1].thresholds["min_passing_intervals"] == 2
+        [switch] = events(proxy.server, "switch")
+        assert judged[1].time - switch.time >= 2 * INTERVAL - 0.05
+
+
 # -- webhooks -------------------------------------------------------------------------------------
 
 

@@ -356,3 +356,71 @@ def test_a_change_of_the_release_is_named() -> None:
     assert describe("canary|2.0|a:1", "canary|2.0|a:1") is None
     assert describe("canary|2.0|a:1", "canary|2.1|a:1") == "canary revision 2.0 -> 2.1"
     assert describe("canary||a:1", "canary||a:1,b:2") == "canary endpoints a:1 -> a:1,b:2"
+
+
+BLUE_GREEN_YAML = """
+services:
+  shop:
+    versions:
+      blue: {endpoints: ["127.0.0.1:1"], weight: 100}
+      green: {endpoints: ["127.0.0.1:2"], weight: 0}
+    rollout:
+      strategy: blue-green
+      active: blue
+      preview: green
+      bake_time: BAKE
+      interval: 1s
+      EXTRA
+      metrics: {success_rate: {min: 99}}
+"""
+
+
+def blue_green(bake: str, extra: str = "") -> tuple[ServiceConfig, Any]:
+    config = parse_config(BLUE_GREEN_YAML.replace("BAKE", bake).replace("EXTRA", extra), env={})
+    shop = config.services["shop"]
+    assert shop.rollout is not None
+    return shop, shop.rollout
+
+
+def switched(shop: ServiceConfig, rollout: Any) -> tuple[Any, dict[str, int]]:
+    weights = {"blue": 100, "green": 0}
+    out = controller.start(RolloutState(), rollout, shop, weights, 0.0, reason="t")
+    out = controller.tick(out.state, rollout, shop, weights, Observation(now=0.0))
+    assert out.decisions[0].action == "switch"
+    return out, {"blue": 0, "green": 100}
+
+
+def test_a_bake_promotes_only_after_its_time_and_two_passing_intervals() -> None:
+    """One passing interval is one sample: a bake shorter than two intervals still needs two."""
+    shop, rollout = blue_green("500ms")
+    assert rollout.min_passing_intervals == 2
+    out, weights = switched(shop, rollout)
+    out = controller.tick(out.state, rollout, shop, weights, passing(1.0))  # bake time is over
+    assert out.state.phase == "progressing"
+    [bake] = out.decisions
+    assert bake.action == "bake" and "1 passing interval left" in bake.reason
+    assert (bake.values["passing_intervals"], bake.thresholds["min_passing_intervals"]) == (1, 2)
+    out = controller.tick(out.state, rollout, shop, weights, passing(2.0))
+    assert out.state.phase == "promoting" and out.again
+    assert "with 2 passing intervals" in out.decisions[0].reason
+
+
+def test_the_passing_intervals_a_bake_needs_are_configurable() -> None:
+    shop, rollout = blue_green("1s", "min_passing_intervals: 3")
+    out, weights = switched(shop, rollout)
+    for now in (1.0, 2.0):
+        out = controller.tick(out.state, rollout, shop, weights, passing(now))
+        assert out.state.phase == "progressing"
+    out = controller.tick(out.state, rollout, shop, weights, passing(3.0))
+    assert out.state.phase == "promoting"
+    # No bake at all: promoted at the switch, as before.
+    shop, rollout = blue_green("0s", "min_passing_intervals: 0")
+    weights = {"blue": 100, "green": 0}
+    out = controller.start(RolloutState(), rollout, shop, weights, 0.0, reason="t")
+    out = controller.tick(out.state, rollout, shop, weights, Observation(now=0.0))
+    assert out.state.phase == "promoting"
+    # bake_time 0 alone still asks for the passing intervals.
+    shop, rollout = blue_green("0s")
+    out, weights = switched(shop, rollout)
+    assert out.state.phase == "progressing"
+    assert "baking for 0s and 2 passing intervals" in out.decisions[0].reason

@@ -364,7 +364,8 @@ def _rollout_summary(rollout: CanaryRollout | BlueGreenRollout) -> list[str]:
     else:
         head = (
             f"rollout: blue-green ({rollout.active} -> {rollout.preview}), "
-            f"bake {format_duration(rollout.bake_time)}, "
+            f"bake {format_duration(rollout.bake_time)} "
+            f"(and {rollout.min_passing_intervals} passing intervals), "
             f"every {format_duration(rollout.interval)}, "
             f"{len(rollout.pre_switch)} pre-switch check(s)"
         )

@@ -599,6 +599,8 @@ class BlueGreenRollout(_Model):
     """The version that takes over at the switch."""
     bake_time: Duration = Field(default=120.0, ge=0)
     """How long the new active version is watched after the switch."""
+    min_passing_intervals: int = Field(default=2, ge=0)
+    """Passing analyses the bake needs, besides bake_time, before the promotion."""
     interval: Duration = Field(default=10.0, gt=0)
     """One analysis per interval."""
     threshold: int = Field(default=2, ge=1)

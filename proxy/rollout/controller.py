@@ -381,16 +381,17 @@ def _before_traffic(
         baseline_rate=obs.baseline_rate,
     )
     bake = rollout.bake_time
+    needed = rollout.min_passing_intervals
     decision = Decision(
         "switch",
         f"all traffic to {candidate}"
         + (" (pre-switch checks passed)" if obs.checks else "")
-        + (f"; baking for {bake:g}s" if bake else ""),
+        + (f"; baking for {bake:g}s and {_intervals(needed)}" if bake or needed else ""),
         weights=target,
         values={"checks": _checks_json(obs.checks), "baseline_success_rate": obs.baseline_rate},
         thresholds=_thresholds(rollout),
     )
-    if bake == 0:
+    if bake == 0 and needed == 0:
         promoting = replace(new, phase="promoting")
         return Outcome(_decided(promoting, decision, obs.now), (decision,), again=True)
     return Outcome(_decided(new, decision, obs.now), (decision,))
@@ -495,24 +496,34 @@ def _judge_step(
 def _bake_passed(
     state: RolloutState, rollout: BlueGreenRollout, analysis: Analysis, obs: Observation
 ) -> Outcome:
+    """A passing interval of the bake: promotion once the bake time is over *and* enough
+    intervals passed (SPEC §6), so one lucky interval never promotes a version."""
     candidate, _ = roles(rollout)
     state = replace(state, passes=state.passes + 1)
-    baked = obs.now - (state.step_at or obs.now)
-    if baked >= rollout.bake_time - 1e-6:
+    baked = obs.now - (state.step_at if state.step_at is not None else obs.now)
+    needed = rollout.min_passing_intervals
+    values = {**analysis.values, "passing_intervals": state.passes}
+    thresholds = {**analysis.thresholds, "min_passing_intervals": needed}
+    if baked >= rollout.bake_time - 1e-6 and state.passes >= needed:
         new = replace(state, phase="promoting")
         decision = Decision(
             "promoting",
-            f"bake of {rollout.bake_time:g}s passed ({analysis.reason}); promoting {candidate}",
-            values=analysis.values,
-            thresholds=analysis.thresholds,
+            f"bake of {rollout.bake_time:g}s passed with {_intervals(state.passes)} "
+            f"({analysis.reason}); promoting {candidate}",
+            values=values,
+            thresholds=thresholds,
         )
         return Outcome(_decided(new, decision, obs.now), (decision,), again=True)
-    left = rollout.bake_time - baked
+    left = []
+    if baked < rollout.bake_time - 1e-6:
+        left.append(f"{rollout.bake_time - baked:.0f}s of the bake")
+    if state.passes < needed:
+        left.append(f"{_intervals(needed - state.passes)}")
     decision = Decision(
         "bake",
-        f"analysis passed ({analysis.reason}); {left:.0f}s of the bake left",
-        values=analysis.values,
-        thresholds=analysis.thresholds,
+        f"analysis passed ({analysis.reason}); {' and '.join(left)} left",
+        values=values,
+        thresholds=thresholds,
     )
     return Outcome(_decided(state, decision, obs.now), (decision,))
 
@@ -635,6 +646,10 @@ def _decided(state: RolloutState, decision: Decision, now: float) -> RolloutStat
     return replace(
         state, last_decision={"action": decision.action, "reason": decision.reason, "time": now}
     )
+
+
+def _intervals(count: int) -> str:
+    return f"{count} passing interval" + ("" if count == 1 else "s")
 
 
 def _thresholds(rollout: Rollout) -> dict[str, Any]:
