@@ -77,7 +77,7 @@ class ControlPlane:
         self.events = EventLog()
         # Weights in force per service; the file's weights until something changes them.
         self.weights: dict[str, Weights] = {
-            name: _file_weights(service) for name, service in config.services.items()
+            name: service.file_weights() for name, service in config.services.items()
         }
         # The file's weights as last applied: a reload moves a service's weights only when
         # these change, so an unrelated edit never undoes a runtime switch.
@@ -333,21 +333,25 @@ class ControlPlane:
         values: dict[str, Any],
         thresholds: dict[str, Any],
         phases: tuple[str, str],
-    ) -> None:
+        state: Mapping[str, Any] | None = None,
+    ) -> bool:
         """Carry out one rollout decision: the new weights (if any) through the same install,
         acknowledgement and drain as a switch, then its event and the state file (which holds
-        the rollout's state, already updated by the caller). The event's from/to are the
-        weights when they change, else the rollout's phases."""
+        the rollout's state, already updated by the caller to `state`). The event's from/to
+        are the weights when they change, else the rollout's phases. False: dropped."""
         async with self._lock:
             # The decision was computed before the lock: a reload in between may have removed
-            # the service or renamed its versions, and weights of the old config must never be
-            # installed (that reload already dealt with the rollout).
+            # the service or renamed its versions, or moved the run itself (a new run, a
+            # pause, steps edited), and such a stale decision must never be installed (that
+            # reload already dealt with the rollout).
             current = self.config.services.get(service)
-            if current is None or (
-                weights is not None and validate_weights(current, weights) is not None
+            if (
+                current is None
+                or (weights is not None and validate_weights(current, weights) is not None)
+                or (state is not None and self.rollout_state.get(service) != state)
             ):
                 log.warning("%s: %s dropped: the config changed under it", service, action)
-                return
+                return False
             before = dict(self.weights[service])
             from_: Any = phases[0]
             to: Any = phases[1]
@@ -368,6 +372,7 @@ class ControlPlane:
                 thresholds=thresholds,
             )
             await self.save()
+            return True
 
     async def _apply(
         self,
@@ -474,8 +479,9 @@ class ControlPlane:
                 return ReloadResult(ok=True, changed=False)
             self.last_reload_error = None
             old = self.config
+            before = {name: dict(weights) for name, weights in self.weights.items()}
             self._adopt(config)
-            starts = self.rollouts.config_changed(old, config)
+            starts = self.rollouts.config_changed(old, config, before)
             self.config_hash = digest
             self.loaded_at = time.time()
             # Listeners first: the health checker marks new endpoints unknown (no traffic
@@ -517,7 +523,7 @@ class ControlPlane:
         weights: dict[str, Weights] = {}
         file_weights: dict[str, Weights] = {}
         for name, service in config.services.items():
-            in_file = _file_weights(service)
+            in_file = service.file_weights()
             file_weights[name] = in_file
             current = self.weights.get(name)
             keep = (
@@ -747,7 +753,3 @@ def _still_exists(config: Config, key: EndpointKey) -> bool:
     if service is None or key[1] not in service.versions:
         return False
     return key[2] in service.versions[key[1]].endpoints
-
-
-def _file_weights(service: ServiceConfig) -> Weights:
-    return {name: version.weight for name, version in service.versions.items()}

@@ -649,6 +649,10 @@ class ServiceConfig(_Model):
     rollout: RolloutConfig | None = None
     """A progressive rollout with laneswitch's own analysis."""
 
+    def file_weights(self) -> dict[str, int]:
+        """Each version's weight as the file gives it (the runtime's may differ)."""
+        return {name: version.weight for name, version in self.versions.items()}
+
     @field_validator("versions")
     @classmethod
     def _weights_fill_total(

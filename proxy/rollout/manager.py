@@ -33,6 +33,7 @@ from proxy.rollout.controller import (
     Rollout,
     RolloutState,
     TransitionRefused,
+    Weights,
     roles,
 )
 from proxy.rollout.webhooks import bounded_hooks, call_webhooks, pre_switch_checks
@@ -285,10 +286,13 @@ class RolloutManager:
                 # Step 0 (hooks before any traffic) goes on at once; a step holds its interval.
                 self._run(name, immediate=state.step == 0)
 
-    def config_changed(self, old: Config, new: Config) -> list[tuple[str, str]]:
-        """A reload was adopted: stop rollouts whose block went away, and name the services
-        whose candidate got a new revision or endpoints (the caller starts them, with the
-        reason, once the control plane's lock is released)."""
+    def config_changed(
+        self, old: Config, new: Config, weights_before: Mapping[str, Weights]
+    ) -> list[tuple[str, str]]:
+        """A reload was adopted (`weights_before`: the weights in force until then): stop rollouts
+        whose block went away, carry edits of a running release's weights or steps into its
+        run, and name the services whose candidate got a new revision or endpoints (the caller
+        starts them, with the reason, once the control plane's lock is released)."""
         starts: list[tuple[str, str]] = []
         for name in list(self.control.rollout_state):
             service = new.services.get(name)
@@ -316,7 +320,97 @@ class RolloutManager:
             )
             if change is not None:
                 starts.append((name, f"{change} in the config"))
+            elif self.control.backend.deciding():  # in a fleet, the leader's run is the one
+                self._edited_during_run(name, weights_before.get(name), before, service)
         return starts
+
+    def _edited_during_run(
+        self,
+        name: str,
+        weights_before: Mapping[str, int] | None,
+        old: ServiceConfig,
+        new: ServiceConfig,
+    ) -> None:
+        """A reload edited the file's weights or the canary's steps of a run that goes on
+        (same release). Neither is left for the next tick to undo or misread:
+        - new file weights are a person's change, like a `weights` call: they apply and the
+          run pauses, so its next step does not override them (`resume` hands back);
+        - new steps send the run back to step 1 of them, as Argo Rollouts restarts its steps
+          when they change: a shortened list never skips to a promotion the canary did not
+          reach, a longer one never skips a weight."""
+        state = self.state(name)
+        rollout = new.rollout
+        if rollout is None or state.phase not in RUNNING:
+            return
+        old_steps = old.rollout.steps() if isinstance(old.rollout, CanaryRollout) else None
+        new_steps = rollout.steps() if isinstance(rollout, CanaryRollout) else None
+        file_moved = old.file_weights() != new.file_weights()
+        steps_moved = new_steps is not None and old_steps != new_steps and state.step >= 1
+        if not file_moved and not steps_moved:
+            return  # e.g. a new interval or threshold: the next tick uses it
+        now = time.time()
+        weights = dict(self.control.weights[name])
+        record = self.control.events.record
+        said = []
+        if file_moved:
+            record(
+                "config",
+                "weights",
+                name,
+                from_=dict(weights_before) if weights_before is not None else None,
+                to=weights,
+                reason="the file's weights changed in a reload during the rollout",
+            )
+            if state.phase in TICKING:
+                reason = (
+                    "paused: the file's weights changed in a reload (resume to let the "
+                    "rollout set weights again)"
+                )
+                record("config", "pause", name, from_=state.phase, to="paused", reason=reason)
+                state.paused_from, state.phase, state.reason = state.phase, "paused", reason
+                state.last_decision = {"action": "pause", "reason": reason, "time": now}
+                said.append(reason)
+        if steps_moved and new_steps is not None:
+            candidate, baseline = roles(rollout)
+            state.step, state.step_at, state.holding_since = 1, now, None
+            state.awaiting_promotion = False
+            if state.phase == "promoting":
+                state.phase = "progressing"
+            if state.paused_from == "promoting":
+                state.paused_from = "progressing"
+            reason = (
+                f"step_weights changed in a reload ({_percents(old_steps)} -> "
+                f"{_percents(new_steps)}): back to step 1 of {len(new_steps)}"
+            )
+            target = weights
+            if not file_moved:  # the file's own weights, just applied, stay while paused
+                units = controller.percent_units(new, new_steps[0])
+                target = controller.weights_with(new, weights, candidate, baseline, units)
+                reason += f", {candidate} to {new_steps[0]:g}%"
+                self.control.weights[name] = target
+            record(
+                "config",
+                "step",
+                name,
+                from_=weights,
+                to=target,
+                reason=reason,
+                values={
+                    "step": 1,
+                    "weight_percent": new_steps[0],
+                    "steps": new_steps,
+                    "steps_before": old_steps,
+                },
+            )
+            if not file_moved:
+                state.last_decision = {"action": "step", "reason": reason, "time": now}
+            said.append(reason)
+        self._store(name, state)
+        log.warning("%s: %s", name, "; ".join(said) or "the file's weights changed")
+        # The interval starts again at what is in force now (the caller installs it).
+        self._stop_task(name)
+        if state.phase in TICKING:
+            self._run(name, immediate=False)
 
     async def shutdown(self) -> None:
         """Stop every timer for good. A tick's decision is carried out under its service's
@@ -491,9 +585,10 @@ class RolloutManager:
     ) -> None:
         """Store the new state, then apply each decision (weights, event, state file)."""
         self._store(service, outcome.state)
+        stored = self.control.rollout_state[service]
         phases = (before.phase, outcome.state.phase)
         for decision in outcome.decisions:
-            await self.control.apply_rollout(
+            applied = await self.control.apply_rollout(
                 service,
                 decision.weights,
                 actor=actor,
@@ -502,7 +597,10 @@ class RolloutManager:
                 values=decision.values,
                 thresholds=decision.thresholds,
                 phases=phases,
+                state=stored,
             )
+            if not applied:
+                return
             if decision.weights is not None:
                 self._mark(service)
             if decision.rollback is not None:
@@ -578,3 +676,7 @@ class RolloutManager:
         if lock is None:
             lock = self._locks[service] = asyncio.Lock()
         return lock
+
+
+def _percents(steps: list[float] | None) -> str:
+    return ", ".join(f"{step:g}%" for step in steps or [])
