@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Client, get
+from tests.helpers import Client, admin_call, get, start_laneswitch
 from tests.test_admin import admin_proxy
 from tests.test_rollout import (
     INTERVAL,
@@ -219,3 +219,69 @@ async def test_a_canary_that_never_answers_is_rolled_back_though_its_clients_giv
                 assert "success rate 0.00%" in rollback.reason
             timeouts = proxy.server.control.stats.peek("shop", "canary").upstream_errors["timeout"]
             assert timeouts >= 3
+
+
+async def test_promise_6_worst_case_with_the_real_command(tmp_path: Path) -> None:
+    """The same worst case as above, measured on `laneswitch run` as an operator runs it: a
+    canary that accepts requests and never answers, clients that give up after 400 ms (past the
+    200 ms latency limit, long before `timeouts.response`), and a gating `rollout` hook that
+    never answers (2 s timeout, 1 retry). Rolled back within (threshold + 1) x interval + 1 s
+    of the start, by the analysis."""
+    threshold = 2
+    async with (
+        stalled_hook() as hook,
+        stalled_hook() as silent_canary,
+        two_upstreams() as (stable, _),
+    ):
+        text = canary_config(
+            stable.endpoint,
+            silent_canary.url.removeprefix("http://"),
+            steps="[50]",
+            threshold=threshold,
+            min_requests=3,
+            webhooks=hook_entry(hook.url, "rollout"),
+        ).replace("latency_p99: {max: 1s}", "latency_p99: {max: 200ms}")
+        config = tmp_path / "laneswitch.yaml"
+        config.write_text(text)
+        proxy = await start_laneswitch(config)
+        logs = asyncio.create_task(proxy.stderr.read())  # a full pipe would stall the proxy
+        admin = int(proxy.admin_url.rsplit(":", 1)[1])
+        stop = asyncio.Event()
+        outcomes: list[str] = []
+
+        async def impatient_client() -> None:
+            while not stop.is_set():
+                client = await Client.connect(proxy.port)
+                try:
+                    response = await asyncio.wait_for(client.request(get("/")), 0.4)
+                    outcomes.append(str(response.status))
+                except TimeoutError:
+                    outcomes.append("gave up")
+                finally:
+                    await client.close()
+
+        clients = [asyncio.create_task(impatient_client()) for _ in range(8)]
+        try:
+            began = time.monotonic()
+            status, body = await admin_call(admin, "POST", "/services/shop/rollout/start")
+            assert status == 200, body
+            async with asyncio.timeout(15):
+                while True:
+                    _, body = await admin_call(admin, "GET", "/status")
+                    if body["services"]["shop"]["rollout"]["phase"] == "rolled_back":
+                        break
+                    await asyncio.sleep(0.02)
+            took = time.monotonic() - began
+            versions = body["services"]["shop"]["versions"]
+            _, record = await admin_call(admin, "GET", "/events")
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+            assert await proxy.stop() == 0
+            await logs
+        assert took <= (threshold + 1) * INTERVAL + 1.0, took
+        assert {name: v["weight"] for name, v in versions.items()} == {"stable": 100, "canary": 0}
+        assert "gave up" in outcomes  # the canary was never seen answering
+        assert hook.requests >= 1  # the gating hook was asked, and never answered
+        [rollback] = [e for e in record["events"] if e["action"] == "rollback"]
+        assert rollback["actor"] == "auto" and "failed checks" in rollback["reason"]
