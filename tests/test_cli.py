@@ -112,7 +112,7 @@ async def test_python_dash_m_proxy_is_the_same_program() -> None:
     assert b"laneswitch" in out
 
 
-async def test_demo_serves_blue_and_green_rolls_green_out_and_stops_on_ctrl_c() -> None:
+async def test_demo_rolls_green_out_and_back_as_the_readme_says_and_stops_on_ctrl_c() -> None:
     # Free ports (0): the printed ones are the ones that answer; the first line is the console.
     process = await asyncio.create_subprocess_exec(
         *laneswitch_command(),
@@ -125,6 +125,8 @@ async def test_demo_serves_blue_and_green_rolls_green_out_and_stops_on_ctrl_c() 
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    assert process.stderr is not None
+    logs = asyncio.create_task(process.stderr.read())  # a full pipe would stall the demo
     try:
         assert process.stdout is not None
         first = (await asyncio.wait_for(process.stdout.readline(), 15)).decode()
@@ -155,6 +157,22 @@ async def test_demo_serves_blue_and_green_rolls_green_out_and_stops_on_ctrl_c() 
         await admin.close()
         rollout = json.loads(status.body)["services"]["shop"]["rollout"]
         assert rollout["strategy"] == "canary" and rollout["phase"] == "progressing"
+        # As the README says: green is promoted, then, failing 30 %, rolled back by the proxy.
+        await wait_for_line(process.stdout, r"act 1: promoted: all traffic to green", 60)
+        line = await wait_for_line(process.stdout, r"act 2: ", 30)
+        assert "rolling out green (failing 30% of its requests)" in line
+        line = await wait_for_line(process.stdout, r"act 2: ", 60)
+        assert line.startswith("[demo] act 2: rolled_back: all traffic back to blue"), line
+        admin = await Client.connect(admin_port)
+        status = await admin.request(get("/status", host=f"127.0.0.1:{admin_port}"))
+        await admin.close()
+        shop = json.loads(status.body)["services"]["shop"]
+        assert shop["rollout"]["phase"] == "rolled_back"
+        assert {name: v["weight"] for name, v in shop["versions"].items()} == {
+            "blue": 100,
+            "green": 0,
+        }
+        assert shop["last_decision"]["actor"] == "auto"
         process.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(process.wait(), 10)
         assert code == 0
@@ -162,6 +180,7 @@ async def test_demo_serves_blue_and_green_rolls_green_out_and_stops_on_ctrl_c() 
         if process.returncode is None:
             process.kill()
             await process.wait()
+        await logs
 
 
 async def test_sigterm_under_load_answers_every_in_flight_request(tmp_path: Path) -> None:
