@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.test_admin import admin_proxy
 from tests.test_rollout import (
+    INTERVAL,
     canary_config,
     events,
     phase_is,
@@ -45,8 +46,10 @@ async def test_file_weights_edited_during_a_run_apply_and_pause_it(tmp_path: Pat
             assert pause.actor == "config" and "file's weights changed" in pause.reason
             steps = len(events(proxy.server, "step"))
             served = len(canary.requests)
-            async with asyncio.timeout(10):  # several intervals of traffic go by
-                while len(canary.requests) < served + 100:
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 3 * INTERVAL  # three intervals, each of which would step
+            async with asyncio.timeout(10):
+                while len(canary.requests) < served + 100 or loop.time() < until:
                     await asyncio.sleep(0.02)
             assert proxy.weights() == {"stable": 70, "canary": 30}  # not undone by a step
             assert len(events(proxy.server, "step")) == steps
