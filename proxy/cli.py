@@ -104,8 +104,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import DemoStartError, demo
     from proxy.runtime import run_forever
 
+    if args.fleet:
+        from proxy.demo_fleet import fleet_demo
+
+        main = fleet_demo(args.fail_rate, args.port, args.admin_port)
+    else:
+        main = demo(args.fail_rate, args.port, args.admin_port)
     try:
-        return run_forever(demo(args.fail_rate, args.port, args.admin_port))
+        return run_forever(main)
     except DemoStartError as exc:
         print(f"laneswitch demo: {exc}", file=sys.stderr)
         return 1
@@ -182,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=9901,
         metavar="N",
         help="the admin API's and console's port on 127.0.0.1 (default 9901; 0 = any free port)",
+    )
+    demo.add_argument(
+        "--fleet",
+        action="store_true",
+        help="three replicas (laneswitch run processes) sharing one redis-server that the demo "
+        "starts itself (it must be on PATH); ports N, N+1, N+2 of --port and --admin-port",
     )
     demo.set_defaults(func=cmd_demo)
 

@@ -36,8 +36,8 @@ DEFAULT_PORT = 8080
 DEFAULT_ADMIN_PORT = 9901
 
 DEMO_CONFIG = Template("""
-listen: 127.0.0.1:$port
-admin: {listen: 127.0.0.1:$admin_port}
+listen: "127.0.0.1:$port"
+admin: {listen: "127.0.0.1:$admin_port"}
 drain_timeout: 2s
 $extra
 services:
@@ -99,9 +99,11 @@ class DemoStartError(Exception):
     """The demo could not start; the message is the one line printed (nothing is left running)."""
 
 
-def demo_config(port: int, admin_port: int, upstreams: Mapping[str, int], extra: str = "") -> str:
-    """The demo's config text: proxy and admin on these loopback ports (0: any free one), in
-    front of the upstreams' ports; `extra` goes in at the top level (a fleet block)."""
+def demo_config(
+    port: int | str, admin_port: int | str, upstreams: Mapping[str, int], extra: str = ""
+) -> str:
+    """The demo's config text: proxy and admin on these loopback ports (0: any free one; or a
+    `${NAME}` reference), in front of the upstreams' ports; `extra` goes in at the top level."""
     return DEMO_CONFIG.substitute(
         port=port,
         admin_port=admin_port,
@@ -128,15 +130,21 @@ def admin_env(admin_port: int) -> str:
     )
 
 
-def taken_port_message(exc: ListenError, what: str) -> str:
-    """One line: which port is taken, by the proxy or the admin API, and how to pick others."""
-    port = exc.address.rpartition(":")[2]
+def taken_port_message(port: str, role: str, problem: str, *, fleet: bool = False) -> str:
+    """One line: which port cannot be used, by what, and how to pick others."""
+    command = "laneswitch demo --fleet" if fleet else "laneswitch demo"
+    replicas = " (the replicas take N, N+1 and N+2)" if fleet else ""
+    return (
+        f"port {port} ({role}) {problem}; pick others with --port N and --admin-port N{replicas} "
+        f"(0 = any free port, printed), e.g. {command} --port 0 --admin-port 0"
+    )
+
+
+def listen_problem(exc: ListenError) -> tuple[str, str, str]:
+    """(port, role, problem) of a listener that could not be bound, for `taken_port_message`."""
     role = "the proxy" if exc.field == "listen" else "the admin API"
     problem = "is already in use" if exc.in_use else f"cannot be used ({exc})"
-    return (
-        f"port {port} ({role}{what}) {problem}; pick others with --port N and --admin-port N "
-        "(0 = any free port, printed), e.g. laneswitch demo --port 0 --admin-port 0"
-    )
+    return exc.address.rpartition(":")[2], role, problem
 
 
 @contextlib.contextmanager
@@ -233,9 +241,9 @@ async def start_upstreams(green: Failing) -> Upstreams:
     return started
 
 
-async def traffic(urls: Sequence[str]) -> None:
-    """A small steady client load, so the rollout's analysis has requests to judge:
-    TRAFFIC_CLIENTS clients per URL."""
+async def traffic(urls: Sequence[str], clients: int = TRAFFIC_CLIENTS) -> None:
+    """A small steady client load, so the rollout's analysis has requests to judge: `clients`
+    clients per URL."""
 
     async def one(session: aiohttp.ClientSession, url: str) -> None:
         while True:
@@ -246,14 +254,29 @@ async def traffic(urls: Sequence[str]) -> None:
 
     timeout = aiohttp.ClientTimeout(total=5)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        await asyncio.gather(*(one(session, url) for url in urls for _ in range(TRAFFIC_CLIENTS)))
+        await asyncio.gather(*(one(session, url) for url in urls for _ in range(clients)))
+
+
+def tour_acts(fail_rate: float | None) -> list[float]:
+    """Green's failure rate in each act of the tour: healthy, then 30 %; or once, as asked."""
+    return [fail_rate] if fail_rate is not None else [0.0, 0.3]
+
+
+def act_state(rate: float) -> str:
+    return "healthy" if rate == 0 else f"failing {rate:.0%} of its requests"
+
+
+STEPS = "10 %, 25 %, 50 %, every 5 s"
+
+# The phases a rollout of the tour ends in (paused: by hand, from the CLI or the console).
+SETTLED = ("promoted", "rolled_back", "aborted", "paused")
 
 
 async def settled(control: ControlPlane, service: str) -> str:
     """Wait for the service's rollout to end; its final phase."""
     while True:
         phase = control.rollouts.state(service).phase
-        if phase in ("promoted", "rolled_back", "aborted", "paused"):
+        if phase in SETTLED:
             return phase
         await asyncio.sleep(0.2)
 
@@ -261,13 +284,11 @@ async def settled(control: ControlPlane, service: str) -> str:
 async def tour(control: ControlPlane, green: Failing, fail_rate: float | None) -> None:
     """Roll green out while it is healthy, then again while it fails (or once, failing)."""
     await asyncio.sleep(1.0)
-    acts = [fail_rate] if fail_rate is not None else [0.0, 0.3]
-    for number, rate in enumerate(acts, start=1):
+    for number, rate in enumerate(tour_acts(fail_rate), start=1):
         green.rate = rate
-        state = "healthy" if rate == 0 else f"failing {rate:.0%} of its requests"
         if control.weights["shop"].get("green", 0) == control.config.services["shop"].weight_total:
             await control.rollback("shop", actor="admin")
-        print(f"[demo] act {number}: rolling out green ({state}): 10 %, 25 %, 50 %, every 5 s")
+        print(f"[demo] act {number}: rolling out green ({act_state(rate)}): {STEPS}")
         await control.rollouts.start("shop", actor="admin", reason="started by laneswitch demo")
         phase = await settled(control, "shop")
         last = control.rollouts.state("shop").last_decision or {}
@@ -289,7 +310,7 @@ async def demo(
             with quiet_start():
                 await server.start()
         except ListenError as exc:
-            raise DemoStartError(taken_port_message(exc, "")) from None
+            raise DemoStartError(taken_port_message(*listen_problem(exc))) from None
         data_port = server.addresses[0][1]
         admin = server.admin_port
         assert admin is not None

@@ -22,6 +22,8 @@ import httptools
 import pytest
 
 from proxy.config.loader import parse_config
+from proxy.demo_fleet import Redis as RedisServer
+from proxy.demo_fleet import free_port
 from proxy.http.plane import DataPlane
 from proxy.http.protocol import DownstreamProtocol
 from proxy.routing.build import build_table
@@ -414,67 +416,6 @@ async def running_proxy(config_text: str) -> AsyncIterator[RunningProxy]:
         yield RunningProxy(server)
     finally:
         await server.stop(drain_timeout=0.5)
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now (for servers that cannot bind port 0)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class RedisServer:
-    """Debian's redis-server on a free loopback port, no persistence: a fleet's store. Stop and
-    start it again to get a store restarted empty."""
-
-    port: int = field(default_factory=free_port)
-    process: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self, timeout: float = 10.0) -> RedisServer:
-        binary = shutil.which("redis-server")
-        assert binary is not None, "redis-server is not installed (apt-get install redis-server)"
-        self.process = await asyncio.create_subprocess_exec(
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                except OSError:
-                    assert self.process.returncode is None, "redis-server exited"
-                    await asyncio.sleep(0.05)
-                    continue
-                writer.write(b"PING\r\n")
-                answer = await reader.readline()
-                writer.close()
-                if answer.startswith(b"+PONG"):
-                    return self
-                await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is not None and process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 @contextlib.asynccontextmanager
