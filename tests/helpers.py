@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class ReceivedRequest:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     raw_head: bytes = b""
+    received_at: float = field(default_factory=time.time)  # Unix time its head began
 
     def header(self, name: str) -> bytes | None:
         values = self.headers_named(name)

@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from bisect import bisect_right
 from collections.abc import AsyncIterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from proxy.fleet.coordinator import REPORT_INTERVAL
 from tests.helpers import Fleet, Member, Traffic, admin_call, running_fleet
 
 CANARY = """
@@ -22,7 +25,7 @@ CANARY = """
       stable: blue
       canary: green
       step_weights: [STEPS]
-      interval: 1s
+      interval: INTERVAL
       threshold: 2
       min_requests: 5
       progress_deadline: 1m
@@ -31,8 +34,8 @@ CANARY = """
 """
 
 
-def canary(steps: str = "50") -> str:
-    return CANARY.replace("STEPS", steps)
+def canary(steps: str = "50", interval: str = "1s") -> str:
+    return CANARY.replace("STEPS", steps).replace("INTERVAL", interval)
 
 
 async def events(member: Member, since: int = 0) -> list[dict[str, Any]]:
@@ -130,6 +133,65 @@ async def test_a_failing_canary_is_rolled_back_once_for_the_fleet_on_the_summed_
     assert analysed <= sum(per_member), (analysed, per_member)
     assert analysed >= sum(per_member) * 0.5, (analysed, per_member)
     assert len(fleet.green.requests) == sum(per_member)
+
+
+# How late a member's requests may reach the store's counts: one report interval, and a
+# margin for a report that a loaded machine runs late.
+REPORTED_WITHIN = REPORT_INTERVAL + 0.15
+
+
+async def test_each_intervals_analysis_counts_every_members_requests_of_that_interval(
+    fleet: Fleet,
+) -> None:
+    steps = "10, 20, 30, 40, 50, 60, 70, 80, 90"
+    members = [
+        fleet.member(name, service_extra=canary(steps, interval="2s")) for name in ("a", "b", "c")
+    ]
+    await asyncio.gather(*(m.start() for m in members))
+    loads = [Traffic(m.data_port).start() for m in members]
+    try:
+        await leader_of(members)
+        last = (await events(members[0]))[-1]["id"]
+        status, answer = await admin_call(
+            members[1].admin_port, "POST", "/services/shop/rollout/start"
+        )
+        assert status == 200, answer
+        async with asyncio.timeout(30):
+            while max(steps_of(await events(members[0], last)), default=0) < 6:
+                await asyncio.sleep(0.05)
+    finally:
+        for load in loads:
+            await load.stop()
+    assert all(load.count(200, b"green") > 0 for load in loads)  # each member served green
+    record = await events(members[0], last)
+    # Every interval ends in one decision: a step (pass), a hold (inconclusive) or a failed
+    # check. The window an analysis judged runs from the decision before it to itself.
+    decisions = [e for e in record if e["action"] in ("step", "hold", "check_failed", "rollback")]
+    arrived = sorted(request.received_at for request in fleet.green.requests)
+
+    def between(start: float, end: float) -> int:
+        return bisect_right(arrived, end) - bisect_right(arrived, start)
+
+    judged = 0
+    for before, decision in pairwise(decisions):
+        if "requests" not in decision["values"]:
+            continue
+        start, end = before["time"], decision["time"]
+        served = between(start, end)  # what the three members sent green in that interval
+        analysed = decision["values"]["requests"]
+        # Within one report interval: the window's last requests may not be reported yet,
+        # and the ones just before its start were reported into it.
+        missed = between(end - REPORTED_WITHIN, end)
+        carried = between(start - REPORTED_WITHIN, start)
+        assert served - missed <= analysed <= served + carried, (
+            decision["values"]["step"] if "step" in decision["values"] else decision["action"],
+            analysed,
+            served,
+            missed,
+            carried,
+        )
+        judged += 1
+    assert judged >= 5, decisions
 
 
 def steps_of(record: list[dict[str, Any]]) -> list[int]:

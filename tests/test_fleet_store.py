@@ -114,22 +114,48 @@ async def test_members_report_with_the_stores_clock(store: FleetStore) -> None:
     assert found["b"].age is not None and found["b"].age >= 0.2
 
 
-async def test_counts_of_every_member_add_up_per_window(store: FleetStore) -> None:
+async def test_the_leader_takes_every_members_counts_whole_and_only_while_it_leads(
+    store: FleetStore,
+) -> None:
     def snap(ok: int, bad: int, bucket: int) -> StatsSnapshot:
         slots = [0] * counts.SLOTS
         slots[bucket] = ok + bad
         return StatsSnapshot({200: ok, 503: bad}, tuple(slots), 0.0, {}, 0, 0)
 
-    await store.add_counts(100, counts.encode("a", "shop", "green", snap(10, 1, 3)))
-    await store.add_counts(100, counts.encode("b", "shop", "green", snap(5, 0, 3)))
-    await store.add_counts(101, counts.encode("a", "shop", "green", snap(2, 2, 16)))
-    await store.add_counts(102, counts.encode("c", "shop", "green", snap(99, 0, 0)))
-    found = counts.decode(await store.counts(100, 102))
+    leader = new_lease_value("a")
+    fence = Fence(leader, await store.acquire(leader, 5))
+    await store.add_counts({"shop": counts.encode("a", "shop", "green", snap(10, 1, 3))})
+    await store.add_counts({"shop": counts.encode("b", "shop", "green", snap(5, 0, 3))})
+    await store.add_counts(
+        {
+            "shop": counts.encode("a", "shop", "green", snap(2, 2, 16)),
+            "cart": counts.encode("a", "cart", "v1", snap(7, 0, 0)),
+        }
+    )
+    found = counts.decode([await store.take_counts("shop", fence)])
     total = counts.fleet_total(found, "shop", "green")
     assert total.requests == {200: 17, 503: 3}
     assert total.latency_buckets[3] == 16 and total.latency_buckets[16] == 4
     assert sum(total.latency_buckets) == total.total == 20
     assert {key.member for key in found} == {"a", "b"}
+    # Taken means emptied: the next window holds only what was reported after it.
+    assert await store.take_counts("shop", fence) == {}
+    await store.add_counts({"shop": counts.encode("c", "shop", "green", snap(99, 0, 0))})
+    again = counts.decode([await store.take_counts("shop", fence)])
+    assert counts.fleet_total(again, "shop", "green").requests == {200: 99}
+    # Another service's counts are its own window.
+    cart = counts.decode([await store.take_counts("cart", fence)])
+    assert counts.fleet_total(cart, "cart", "v1").requests == {200: 7}
+    # A member that lost the lease cannot take (steal) the new leader's window.
+    await store.add_counts({"shop": counts.encode("b", "shop", "green", snap(3, 0, 0))})
+    assert await store.release(leader)
+    other = new_lease_value("b")
+    new_fence = Fence(other, await store.acquire(other, 5))
+    with pytest.raises(WriteRefused) as refused:
+        await store.take_counts("shop", fence)
+    assert refused.value.kind == "fenced"
+    kept = counts.decode([await store.take_counts("shop", new_fence)])
+    assert counts.fleet_total(kept, "shop", "green").requests == {200: 3}
 
 
 async def test_an_unreachable_store_is_reported_not_hung_on(redis: RedisServer) -> None:

@@ -11,8 +11,8 @@ What it does, each in its own task:
   lead tries to take a free lease every lease * ACQUIRE_FRACTION. Only the deciding member runs
   the rollout timers, and every write it makes carries its fencing number.
 - heartbeat: this member's record (admin URL, config hash, applied generation, health view).
-- counts: what this member served since its last report, into the store's counts windows;
-  the leader's analysis sums every member's.
+- counts: what this member served since its last report, into the store's open counts of
+  each service; the leader's analysis takes them whole at each window's start and end.
 
 Writes: `saved()` (after every change of the control plane) writes the shared state and the
 new events in one compare-and-set; a refused write is answered 409 by the admin call that
@@ -56,8 +56,10 @@ log = logging.getLogger("laneswitch.fleet")
 
 # How often a member checks the generation even when no notice arrived (seconds).
 POLL_INTERVAL = 0.5
-# How often a member reports its counters and its heartbeat (seconds; at most lease / 5).
-REPORT_INTERVAL = 0.5
+# How often a member reports its counters (seconds; at most lease / 5): the analysis judges
+# the fleet's requests of an interval to within this. One MULTI of a few HINCRBYs each time.
+REPORT_INTERVAL = 0.2
+# How often a member writes its heartbeat (seconds; at most lease / 5).
 HEARTBEAT_INTERVAL = 1.0
 # After the holder's lease key expires, a member tries to take it this much later (seconds):
 # a little, so members do not all hit the store at the same millisecond.
@@ -130,7 +132,9 @@ class FleetCoordinator(StateBackend):
         self.apply_sum = 0.0
         self._refused: WriteRefused | None = None
         self._write_lock = asyncio.Lock()
-        self._marks: dict[str, tuple[float, int]] = {}
+        self._marks: dict[str, float] = {}  # service -> Unix time its analysis window started
+        self._mark_tasks: dict[str, asyncio.Task[None]] = {}
+        self._report_lock = asyncio.Lock()
         self._sent: dict[tuple[str, str], StatsSnapshot] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # Local events never to write: decisions of a leader whose write was fenced.
@@ -169,6 +173,9 @@ class FleetCoordinator(StateBackend):
         """Leave: stop every task, hand the lease back (another member takes it at once)."""
         await _cancel_all(self._tasks)
         self._tasks.clear()
+        for task in self._mark_tasks.values():
+            task.cancel()
+        self._mark_tasks.clear()
         if self.leadership.epoch is not None:
             self.leadership.lost()
             with contextlib.suppress(StoreUnavailable):
@@ -240,19 +247,53 @@ class FleetCoordinator(StateBackend):
     async def window(
         self, service: str, versions: Sequence[str]
     ) -> tuple[float, list[StatsSnapshot]] | None:
-        now = time.time()
-        current = counts.window_of(now)
-        since, first = self._marks.get(service, (now, current))
-        self._marks[service] = (now, current)
-        try:
-            found = counts.decode(await self.store.counts(first, current))
-        except StoreUnavailable:
-            found = {}
+        """What every member reported since this window started (`mark`, or the last
+        analysis), taken from the store; a new window starts with the take."""
+        await self._marking(service)
+        since = self._marks.get(service, time.time())
+        found = await self._take(service)
+        self._marks[service] = time.time()
         return since, [counts.fleet_total(found, service, version) for version in versions]
 
     def mark(self, service: str) -> None:
-        now = time.time()
-        self._marks[service] = (now, counts.window_of(now))
+        # Called from the rollout's decision (no awaiting there): the take that starts the
+        # window runs at once, and the window's end awaits it.
+        self._marks[service] = time.time()
+        previous = self._mark_tasks.get(service)
+        self._mark_tasks[service] = asyncio.get_running_loop().create_task(
+            self._discard(service, previous), name=f"fleet-mark-{service}"
+        )
+
+    async def _discard(self, service: str, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await previous
+        await self._take(service)
+
+    async def _marking(self, service: str) -> None:
+        task = self._mark_tasks.pop(service, None)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
+
+    async def _take(self, service: str) -> dict[counts.CountKey, StatsSnapshot]:
+        """The service's counts since the last take, with this member's own traffic reported
+        first (the others' is at most one report interval old). Empty when the store cannot
+        be reached or this member no longer leads: a deposed leader's take is refused by the
+        fencing number, so it cannot steal the window of the member that replaced it."""
+        epoch = self.leadership.epoch
+        if epoch is None:
+            return {}
+        try:
+            await self._report_counts()
+            taken = await self.store.take_counts(service, Fence(self.lease_value, epoch))
+        except StoreUnavailable:
+            return {}
+        except WriteRefused:
+            self.refusals += 1
+            self._lost("taking the analysis counts was refused: the lease is another member's")
+            return {}
+        return counts.decode([taken])
 
     async def events(self, since: int) -> list[dict[str, Any]] | None:
         if self.store_up:
@@ -615,22 +656,27 @@ class FleetCoordinator(StateBackend):
             await self._report_counts()
 
     async def _report_counts(self) -> None:
-        fields: dict[str, int] = {}
-        sent: dict[tuple[str, str], StatsSnapshot] = {}
-        for stats in self.control.stats.all():
-            key = (stats.service, stats.version)
-            now = stats.snapshot()
-            before = self._sent.get(key)
-            delta = now - before if before is not None else now
-            fields.update(counts.encode(self.member, stats.service, stats.version, delta))
-            sent[key] = now
-        if not fields:
-            return
-        try:
-            await self.store.add_counts(counts.window_of(time.time()), fields)
-        except StoreUnavailable:
-            return  # kept: the next report adds it
-        self._sent.update(sent)
+        """What this member served since its last report, into the store. One at a time: a
+        report sent twice would be counted twice."""
+        async with self._report_lock:
+            reports: dict[str, dict[str, int]] = {}
+            sent: dict[tuple[str, str], StatsSnapshot] = {}
+            for stats in self.control.stats.all():
+                key = (stats.service, stats.version)
+                now = stats.snapshot()
+                before = self._sent.get(key)
+                delta = now - before if before is not None else now
+                fields = counts.encode(self.member, stats.service, stats.version, delta)
+                if fields:
+                    reports.setdefault(stats.service, {}).update(fields)
+                    sent[key] = now
+            if not reports:
+                return
+            try:
+                await self.store.add_counts(reports)
+            except StoreUnavailable:
+                return  # kept: the next report adds it
+            self._sent.update(sent)
 
 
 __all__ = ["STORE_UNAVAILABLE", "FleetCoordinator"]

@@ -1,7 +1,11 @@
-"""The analysis counters in the store, envoyproxy/ratelimit style: one hash per fixed time
-window, one field per (member, service, version, counter), added to with HINCRBY and expiring
-on their own. The latency buckets are the fixed `LATENCY_BUCKETS`, so the members' histograms
-add up exactly. Pure: encoding and summing only; `store.FleetStore` does the I/O.
+"""The analysis counters in the store, envoyproxy/ratelimit style: every member adds what it
+served since its last report (one MULTI of HINCRBYs) to one open hash per service, one field per
+(member, service, version, counter). The leader takes that hash whole (read and delete in one
+script) when an analysis window starts and when it ends, so a window holds exactly what the
+members reported in between: the fleet's requests of the interval to within one report
+interval, with no time grid to round to. The latency buckets are the fixed `LATENCY_BUCKETS`,
+so the members' histograms add up exactly. Pure: encoding and summing only; `store.FleetStore`
+does the I/O.
 """
 
 from __future__ import annotations
@@ -10,10 +14,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from proxy.metrics import LATENCY_BUCKETS, StatsSnapshot
-
-# Seconds covered by one counts key: a member adds what it served since its last report to the
-# window of the moment it reports, so a sum over windows is exact to within one window.
-WINDOW_SECONDS = 1
 
 # Latency slots: one per bucket bound plus +Inf.
 SLOTS = len(LATENCY_BUCKETS) + 1
@@ -26,10 +26,6 @@ class CountKey:
     member: str
     service: str
     version: str
-
-
-def window_of(unix: float) -> int:
-    return int(unix // WINDOW_SECONDS)
 
 
 def encode(member: str, service: str, version: str, delta: StatsSnapshot) -> dict[str, int]:

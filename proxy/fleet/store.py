@@ -10,7 +10,8 @@ Keys, all under `laneswitch:{name}:` so several fleets share one Redis:
     events     the decision record: a sorted set of event JSON by id, bounded
     members    member -> JSON (admin URL, config hash, applied generation, leader view)
     seen       member -> the store's clock (ms) at its last heartbeat
-    counts:W   the analysis counters of window W (see `counts`), expiring
+    counts:S   service S's analysis counters reported since the leader last took them
+               (see `counts`), expiring
     changes    the pub/sub channel: only generation numbers are published
 
 Every state write is one Lua script that refuses it unless the generation is the one the
@@ -39,8 +40,8 @@ MAX_EVENTS = 1000
 MEMBER_FORGET_AFTER = 3600.0
 # How long one call to the store may take before the store counts as unavailable (seconds).
 CALL_TIMEOUT = 1.0
-# Counts windows expire this long after their last increment: longer than any interval that
-# sums them (an interval longer than this sees only its last hour).
+# A service's open counts expire this long after their last increment (a fleet whose leader
+# never takes them, or that went away, leaves nothing behind for long).
 COUNTS_TTL = 3600
 
 # Retries of a call whose pooled connection turned out to be closed (see `FleetStore`).
@@ -163,6 +164,17 @@ redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -({MAX_EVENTS} + 1))
 redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
+# KEYS: counts, lease, epoch. ARGV: fence value, fence epoch. {1, fields} taken (and emptied),
+# {0, 0} fenced.
+_TAKE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1]
+   or tonumber(redis.call('GET', KEYS[3]) or '0') ~= tonumber(ARGV[2]) then
+  return {0, 0}
+end
+local fields = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[1])
+return {1, fields}
+"""
 # KEYS: members, seen. ARGV: member, JSON, forget-after ms. The store's clock in ms.
 _HEARTBEAT = """
 local t = redis.call('TIME')
@@ -223,6 +235,7 @@ class FleetStore:
         self._seed = self.redis.register_script(_SEED)
         self._heartbeat = self.redis.register_script(_HEARTBEAT)
         self._members = self.redis.register_script(_MEMBERS)
+        self._take = self.redis.register_script(_TAKE)
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -390,34 +403,40 @@ class FleetStore:
 
     # -- counts ------------------------------------------------------------------------------
 
-    async def add_counts(self, window: int, fields: Mapping[str, int]) -> None:
-        """Add a member's counter deltas to window `window` (one pipelined round trip)."""
-        if not fields:
+    async def add_counts(self, reports: Mapping[str, Mapping[str, int]]) -> None:
+        """Add a member's counter deltas (service -> HINCRBY fields) to each service's open
+        counts, all or nothing (one MULTI): a report that failed is sent again whole, never
+        counted twice."""
+        if not any(reports.values()):
             return
-        key = self.key(f"counts:{window}")
 
         def send() -> Awaitable[list[Any]]:
-            pipe = self.redis.pipeline(transaction=False)
-            for name, value in fields.items():
-                pipe.hincrby(key, name, value)
-            pipe.expire(key, COUNTS_TTL)
+            pipe = self.redis.pipeline(transaction=True)
+            for service, fields in reports.items():
+                if not fields:
+                    continue
+                key = self.counts_key(service)
+                for name, value in fields.items():
+                    pipe.hincrby(key, name, value)
+                pipe.expire(key, COUNTS_TTL)
             return pipe.execute()
 
         await self._call(send)
 
-    async def counts(self, first: int, last: int) -> list[dict[str, str]]:
-        """The counts of windows first..last-1."""
-        if last <= first:
-            return []
+    async def take_counts(self, service: str, fence: Fence) -> dict[str, str]:
+        """The service's open counts, read and emptied in one step: what every member reported
+        since the last take. Only the leader takes (a deposed one would steal the window of the
+        one that replaced it): WriteRefused("fenced") when `fence` no longer holds the lease."""
+        keys = [self.counts_key(service), self.key("lease"), self.key("epoch")]
+        args: list[Any] = [fence.value, fence.epoch]
+        answer = await self._call(lambda: self._take(keys=keys, args=args))
+        if int(answer[0]) != 1:
+            raise WriteRefused("fenced", int(answer[1]))
+        flat = answer[1]
+        return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
 
-        def send() -> Awaitable[list[Any]]:
-            pipe = self.redis.pipeline(transaction=False)
-            for window in range(max(first, last - COUNTS_TTL), last):
-                pipe.hgetall(self.key(f"counts:{window}"))
-            return pipe.execute()
-
-        answers: list[dict[str, str]] = await self._call(send)
-        return answers
+    def counts_key(self, service: str) -> str:
+        return self.key(f"counts:{service}")
 
     # -- change notices ----------------------------------------------------------------------
 
