@@ -429,6 +429,101 @@ async def redis_server() -> AsyncIterator[RedisServer]:
         await server.stop()
 
 
+@dataclass
+class TrapRelay:
+    """A TCP relay on loopback in front of a server (here: one member's Redis) that cuts the
+    link the moment a client sends bytes containing `trap` (once armed): from then on nothing
+    passes in either direction and no connection is closed, as if the member froze or was cut
+    off exactly there; the trapped bytes are held. `release()` delivers them to the server late
+    and returns what it answered; then everything passes again."""
+
+    target_port: int
+    trap: bytes | None = None  # armed when set
+    port: int = 0
+    server: asyncio.Server | None = None
+    trapped: asyncio.Event = field(default_factory=asyncio.Event)
+    passing: asyncio.Event = field(default_factory=asyncio.Event)
+    held: tuple[bytes, asyncio.StreamWriter] | None = None
+    trapped_link: asyncio.StreamWriter | None = None
+    answer: asyncio.Future[bytes] | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> TrapRelay:
+        self.passing.set()
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.passing.wait()
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        loop = asyncio.get_running_loop()
+        self.tasks |= {
+            loop.create_task(self._pump(up_reader, writer, up=None, link=up_writer)),
+            loop.create_task(self._pump(reader, up_writer, up=up_writer, link=up_writer)),
+        }
+
+    async def _pump(
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        up: asyncio.StreamWriter | None,
+        link: asyncio.StreamWriter,
+    ) -> None:
+        """Bytes from `source` to `sink`; `up` is set on the client-to-server direction, `link`
+        (the writer to the server) names the connection."""
+        try:
+            while data := await source.read(65536):
+                if up is not None and self.trap is not None and self.trap in data:
+                    self.trap = None
+                    self.passing.clear()
+                    self.held = (data, up)
+                    self.trapped_link = up
+                    self.answer = asyncio.get_running_loop().create_future()
+                    self.trapped.set()
+                    return
+                if up is None and link is self.trapped_link and self.answer is not None:
+                    # The server's answer to the held bytes: for `release`, not the client.
+                    if not self.answer.done():
+                        self.answer.set_result(data)
+                    continue
+                await self.passing.wait()
+                sink.write(data)
+                await sink.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            if up is None or link is not self.trapped_link:
+                sink.close()
+
+    async def release(self, timeout: float = 5.0) -> bytes:
+        """Deliver the held bytes; the server's answer to them."""
+        assert self.held is not None and self.answer is not None
+        data, up_writer = self.held
+        self.held = None
+        up_writer.write(data)
+        await up_writer.drain()
+        answer = await asyncio.wait_for(self.answer, timeout)
+        up_writer.close()
+        self.passing.set()
+        return answer
+
+    async def stop(self) -> None:
+        self.passing.set()
+        if self.server is not None:
+            self.server.close()
+        for task in self.tasks:
+            task.cancel()
+
+
 async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
     """Wait (bounded) for a condition on state the proxy updates from its own callbacks."""
     async with asyncio.timeout(timeout):
@@ -724,11 +819,11 @@ class Fleet:
     members: list[Member]
     tmp: Path
 
-    def member(self, name: str, **options: object) -> Member:
+    def member(self, name: str, redis: str | None = None, **options: object) -> Member:
         config = fleet_config(
             self.tmp / f"{name}.yaml",
             name,
-            self.redis.url,
+            redis or self.redis.url,
             self.blue.endpoint,
             self.green.endpoint,
             **options,  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ wakes. Real `laneswitch run` processes and a real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
 import time
 from bisect import bisect_right
@@ -17,7 +18,8 @@ from typing import Any
 import pytest
 
 from proxy.fleet.coordinator import REPORT_INTERVAL
-from tests.helpers import Fleet, Member, Traffic, admin_call, running_fleet
+from proxy.fleet.store import _COMMIT
+from tests.helpers import Fleet, Member, Traffic, TrapRelay, admin_call, running_fleet
 
 CANARY = """
     rollout:
@@ -266,6 +268,75 @@ async def test_a_leader_frozen_past_its_lease_takes_no_step_when_it_wakes(fleet:
     assert [e for e in after if e["action"] == "step"], "the new leader stopped stepping"
     taken = steps_of(await events(other))
     assert taken == list(range(1, len(taken) + 1)), taken
+
+
+# What a member sends to run the state-write script (redis-py runs it by its SHA1).
+COMMIT_SCRIPT = hashlib.sha1(_COMMIT.encode()).hexdigest().encode()
+
+
+async def test_a_leader_cut_off_while_writing_a_step_has_that_write_refused_by_its_fencing_number(
+    fleet: Fleet,
+) -> None:
+    steps = "5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70"
+    relay = await TrapRelay(fleet.redis.port).start()
+    a = fleet.member("a", redis=relay.url, service_extra=canary(steps))  # a's Redis: the relay
+    b = fleet.member("b", service_extra=canary(steps))
+    await a.start()
+    assert (await leader_of([a])) is a
+    await b.start()
+    loads = [Traffic(m.data_port).start() for m in (a, b)]
+    seen_steps: list[int] = []  # the fleet's step as b reports it, over time
+    try:
+        status, answer = await admin_call(b.admin_port, "POST", "/services/shop/rollout/start")
+        assert status == 200, answer
+        async with asyncio.timeout(15):
+            while max(steps_of(await events(b)), default=0) < 2:
+                await asyncio.sleep(0.05)
+        # a's next state write (its next step) is where the link to Redis goes silent.
+        relay.trap = COMMIT_SCRIPT
+        await asyncio.wait_for(relay.trapped.wait(), 10)
+        cut_at = (await events(b))[-1]["id"]
+        async with asyncio.timeout(15):  # b takes the lease and goes on, two steps further
+            while len([e for e in await events(b, cut_at) if e["action"] == "step"]) < 2:
+                seen_steps.append((await fleet_status(b))["services"]["shop"]["rollout"]["step"])
+                await asyncio.sleep(0.05)
+        # a's write of its step reaches Redis only now, with a's old fencing number.
+        answer = await relay.release()
+        assert answer.startswith(b"*2\r\n:-2\r\n"), answer  # {-2, gen}: refused, fenced
+        # a is back on the store: it takes the fleet's state, never writes its own step over it.
+        async with asyncio.timeout(10):
+            while True:
+                state = await fleet_status(a)
+                if state["fleet"]["store_up"] and (
+                    state["fleet"]["applied"] == state["fleet"]["generation"]
+                ):
+                    break
+                await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 2.5  # more than an interval: would b step twice?
+        while time.monotonic() < deadline:
+            seen_steps.append((await fleet_status(b))["services"]["shop"]["rollout"]["step"])
+            await asyncio.sleep(0.05)
+        state_a, state_b = await fleet_status(a), await fleet_status(b)
+    finally:
+        for load in loads:
+            await load.stop()
+        await relay.stop()
+    assert seen_steps == sorted(seen_steps), seen_steps  # the fleet's run never went back
+    record = await events(b)
+    after = [e for e in record if e["id"] > cut_at]
+    assert not [e for e in after if e["member"] == "a" and e["actor"] == "auto"], after
+    taken = steps_of(record)
+    assert taken == list(range(1, len(taken) + 1)), taken  # no double step
+    assert state_a["fleet"]["is_leader"] is False and state_b["fleet"]["is_leader"] is True
+    # a tried to write its step again on reconnect, under the same old fence: refused too.
+    assert state_a["fleet"]["refused_writes"] >= 1
+    assert (
+        state_a["services"]["shop"]["rollout"]["step"]
+        == state_b["services"]["shop"]["rollout"]["step"]
+    )
+    assert {n: v["weight"] for n, v in state_a["services"]["shop"]["versions"].items()} == {
+        n: v["weight"] for n, v in state_b["services"]["shop"]["versions"].items()
+    }
 
 
 def set_revision(member: Member, revision: str) -> None:

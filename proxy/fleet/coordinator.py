@@ -140,6 +140,10 @@ class FleetCoordinator(StateBackend):
         # Local events never to write: decisions of a leader whose write was fenced.
         self._dropped: set[int] = set()
         self.epoch_seen = 0  # highest fencing epoch seen, kept when re-seeding an empty store
+        # Services whose change the store did not get was a leader's decision, with the fence
+        # it was taken under (see `_keep`); events up to `_kept` are noted there.
+        self._unwritten: dict[str, Fence] = {}
+        self._kept = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -372,8 +376,9 @@ class FleetCoordinator(StateBackend):
         if not changed and not events:
             return
         if not self.store_up or self.dirty:
-            # Written on reconnect (`_reconcile`, then the events); a member that never
+            # Written on reconnect (`_reconcile`, with the events); a member that never
             # reached the store takes the fleet's state when it does.
+            self._keep(events)
             self.dirty = self.dirty or (changed and self.synced is not None)
             return
         try:
@@ -408,6 +413,7 @@ class FleetCoordinator(StateBackend):
             return
         except StoreUnavailable as exc:
             self._store_down(exc)
+            self._keep(events)
             self.dirty = self.dirty or (changed and self.synced is not None)
             return
         self.pushed = last
@@ -416,6 +422,23 @@ class FleetCoordinator(StateBackend):
             self.store_generation = gen
             self.synced = state
             self.dirty = False
+
+    def _keep(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Note what the store did not get: a leader's decision is written later only under
+        the fencing number it was taken with, so it is refused if the lease moved on meanwhile
+        (the member that took it over decided from the fleet's state, without it); a person's
+        change after it is written whatever happened (a rollback always wins)."""
+        for event in events:
+            if int(event["id"]) <= self._kept:
+                continue
+            self._kept = int(event["id"])
+            service = event.get("service")
+            if service is None or event.get("action") == "leader":
+                continue
+            if event.get("actor") == "auto":
+                self._unwritten[service] = self._fence([event]) or Fence("", -1)
+            else:
+                self._unwritten.pop(service, None)
 
     def _fence(self, events: Sequence[Mapping[str, Any]]) -> Fence | None:
         """The leader's writes carry its fencing number; a leader's decision written by a
@@ -497,9 +520,11 @@ class FleetCoordinator(StateBackend):
             self.store_generation = await self.store.generation()
 
     async def _reconcile(self) -> None:
-        """Changes made here while the store was down go over the fleet's state: for each
-        service that changed locally, ours wins (a rollback always wins over a step taken
-        meanwhile); every other service takes the fleet's."""
+        """Changes made here while the store was down go over the fleet's state, with the
+        events that went with them: for each service that changed locally, ours wins (a
+        rollback always wins over a step taken meanwhile); every other service takes the
+        fleet's. A leader's decision among them is written under the fencing number it was
+        taken with: if the lease has moved on, it never happened in the fleet."""
         found = await self.store.read()
         if found is None:
             await self._seed()
@@ -508,21 +533,41 @@ class FleetCoordinator(StateBackend):
         fleet.pop(WRITTEN_AT, None)
         local = _normal(self.control.fleet_state())
         synced = self.synced if isinstance(self.synced, dict) else {}
-        merged: dict[str, Any] = {}
-        for part in ("weights", "previous_weights", "rollouts"):
-            ours = local.get(part, {})
-            before = synced.get(part, {})
-            theirs = dict(fleet.get(part) or {})
-            for service in set(ours) | set(before):
-                if ours.get(service) != before.get(service) and service in ours:
-                    theirs[service] = ours[service]
-            merged[part] = theirs
+        events = [
+            self._event_json(e.to_json())
+            for e in self.control.events.since(self.pushed)
+            if e.id not in self._dropped
+        ]
+        last = self._last_local_event()
+        fences = set(self._unwritten.values())
+        fence = (fences.pop() if len(fences) == 1 else Fence("", -1)) if fences else None
+        skip: set[str] = set()
         async with self._write_lock:
-            try:
-                gen, _ = await self.store.commit(generation, {**merged, WRITTEN_AT: time.time()})
-            except WriteRefused:
-                return  # moved again: the next sync tries again
+            while True:
+                merged = self._merged(fleet, local, synced, skip)
+                try:
+                    gen, _ = await self.store.commit(
+                        generation, {**merged, WRITTEN_AT: time.time()}, events, fence=fence
+                    )
+                    break
+                except WriteRefused as exc:
+                    if exc.kind != "fenced" or fence is None:
+                        return  # moved again: the next sync tries again
+                    self.refusals += 1
+                    log.warning("%s: %s: its decisions are dropped", self.member, exc)
+                    if self.leadership.epoch is not None:
+                        self._lost("a write was refused: the lease is another member's")
+                    decisions = {
+                        e["id"]
+                        for e in events
+                        if e.get("actor") == "auto" and e.get("action") != "leader"
+                    }
+                    self._dropped.update(decisions)
+                    events = [e for e in events if e["id"] not in decisions]
+                    skip, fence = set(self._unwritten), None
             self.applied = self.written = self.store_generation = gen
+            self.pushed = last
+            self._unwritten.clear()
             self.dirty = False
         await self.control.apply_fleet(merged)
         self.synced = _normal(self.control.fleet_state())
@@ -530,6 +575,28 @@ class FleetCoordinator(StateBackend):
             "%s: changes made while the store was down written (generation %d)", self.member, gen
         )
         await self._heartbeat()
+
+    @staticmethod
+    def _merged(
+        fleet: Mapping[str, Any],
+        local: Mapping[str, Any],
+        synced: Mapping[str, Any],
+        skip: set[str],
+    ) -> dict[str, Any]:
+        """The fleet's state with this member's changes since `synced` over it, per service
+        (except the services in `skip`)."""
+        merged: dict[str, Any] = {}
+        for part in ("weights", "previous_weights", "rollouts"):
+            ours = local.get(part, {})
+            before = synced.get(part, {})
+            theirs = dict(fleet.get(part) or {})
+            for service in set(ours) | set(before):
+                if service in skip or service not in ours:
+                    continue
+                if ours.get(service) != before.get(service):
+                    theirs[service] = ours[service]
+            merged[part] = theirs
+        return merged
 
     async def _pull_events(self) -> None:
         last = int(self.mirror[-1]["id"]) if self.mirror else 0
