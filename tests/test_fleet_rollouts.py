@@ -220,10 +220,9 @@ async def test_a_killed_leader_is_replaced_within_the_lease_and_the_run_goes_on_
         await loads.pop(leader.name).stop()
         before = await events(others[0])
         last_id = before[-1]["id"]
+        killed = time.time()
         leader.signal(signal.SIGKILL)
-        killed = time.monotonic()
         new = await new_leader(others, timeout=10)
-        assert time.monotonic() - killed < 2.0  # lease: 2s
         async with asyncio.timeout(10):  # the run goes on under the new leader
             while not [e for e in await events(others[0], last_id) if e["action"] == "step"]:
                 await asyncio.sleep(0.05)
@@ -233,6 +232,9 @@ async def test_a_killed_leader_is_replaced_within_the_lease_and_the_run_goes_on_
             await load.stop()
     leaders = [e for e in after if e["action"] == "leader"]
     assert [e["member"] for e in leaders] == [new]
+    # Within the lease (2 s), as the new leader recorded it when it took the lease (polling
+    # the members' /status from here on a loaded machine only adds the poll's own delay).
+    assert leaders[0]["time"] - killed < 2.0, leaders[0]["time"] - killed
     taken = steps_of(before) + steps_of(after)
     assert taken == list(range(1, len(taken) + 1)), taken  # no restart from 0, no double step
     assert all(e["member"] == new for e in after if e["action"] == "step")
