@@ -17,6 +17,7 @@ import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -108,8 +109,9 @@ async def test_configmap_config_passes_laneswitch_check(
 ) -> None:
     path = tmp_path / "laneswitch.yaml"
     path.write_text(text)
-    # In the pod the token comes from the Secret; `check` needs some value for the reference.
-    env = {**os.environ, "LANESWITCH_ADMIN_TOKEN": "from-the-secret"}
+    # In the pod the token comes from the Secret and the pod's name from the downward API;
+    # `check` gets what the pod's environment would hold.
+    env = {**os.environ, **pod_env(mounting(name.split("/")[0]))}
     process = await asyncio.create_subprocess_exec(
         *laneswitch_command(),
         "check",
@@ -136,6 +138,36 @@ def container(deployment: dict[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in containers if c["name"] == name)
 
 
+# What the downward API gives `metadata.name` in these checks: a pod name as a ReplicaSet makes it.
+POD_NAME = "laneswitch-6d4cf56db6-x7k2p"
+
+
+def pod_env(deployment: dict[str, Any]) -> dict[str, str]:
+    """The environment of the laneswitch container as the pod would have it: literal values,
+    the pod's name from the downward API, a stand-in for each Secret."""
+    env: dict[str, str] = {}
+    for entry in container(deployment, "laneswitch").get("env", []):
+        source = entry.get("valueFrom", {})
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env[entry["name"]] = POD_NAME
+        elif "secretKeyRef" in source:
+            env[entry["name"]] = "from-the-secret"
+    return env
+
+
+def mounting(config_map: str) -> dict[str, Any]:
+    """The Deployment that mounts the ConfigMap `config_map`."""
+    for _, doc in all_documents():
+        if doc["kind"] != "Deployment":
+            continue
+        for volume in doc["spec"]["template"]["spec"].get("volumes", []):
+            if volume.get("configMap", {}).get("name") == config_map:
+                return doc
+    raise AssertionError(f"no Deployment mounts the ConfigMap {config_map}")
+
+
 def pod_config(deployment: dict[str, Any], laneswitch: dict[str, Any]) -> tuple[str, Config]:
     """The config file path laneswitch runs with in this pod, and the parsed config it finds."""
     args = laneswitch.get("args") or exec_form(
@@ -156,7 +188,7 @@ def pod_config(deployment: dict[str, Any], laneswitch: dict[str, Any]) -> tuple[
         if item["path"] == key:
             key = item["key"]
     text = config_map["data"][key]
-    return path, parse_config(text, env={"LANESWITCH_ADMIN_TOKEN": "x"})
+    return path, parse_config(text, env=pod_env(deployment))
 
 
 def port_number(spec: dict[str, Any], port: int | str) -> int:
@@ -254,6 +286,60 @@ def test_sidecar_deployment() -> None:
     check_service_targets(find("Service", "shop-canary"), find("Deployment", "shop-canary"))
     canary_port = find("Service", "shop-canary")["spec"]["ports"][0]["port"]
     assert f"shop-canary:{canary_port}" in config.services["shop"].versions["canary"].endpoints
+
+
+def test_the_ingress_and_the_sidecars_each_form_a_fleet_on_the_example_redis() -> None:
+    redis_service = find("Service", "laneswitch-redis")
+    redis = find("Deployment", "laneswitch-redis")
+    check_service_targets(redis_service, redis)
+    names = []
+    for deployment in (find("Deployment", "laneswitch"), find("Deployment", "shop")):
+        spec = container(deployment, "laneswitch")
+        _, config = pod_config(deployment, spec)
+        fleet = config.fleet
+        assert fleet is not None, deployment["metadata"]["name"]
+        names.append(fleet.name)
+        # The member id is the pod's name (downward API), through `${POD_NAME:-}`.
+        env = {e["name"]: e for e in spec["env"]}
+        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert fleet.member == POD_NAME
+        # The store is the example Redis's Service, on its port.
+        url = urlsplit(fleet.redis)
+        assert (url.scheme, url.hostname) == ("redis", redis_service["metadata"]["name"])
+        assert url.port == redis_service["spec"]["ports"][0]["port"]
+        # Renewals (every 0.15 x lease) and the SIGTERM drain fit the pod's timings: a
+        # stopping leader hands the lease over on exit, well inside the grace period.
+        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert fleet.lease < grace
+        # Each pod labelled as these are may reach the Redis (its NetworkPolicy).
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        policy = find("NetworkPolicy", "laneswitch-redis")
+        allowed = [
+            rule["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"][0]["from"]
+        ]
+        assert any(selector.items() <= labels.items() for selector in allowed), labels
+    assert len(set(names)) == 2, names  # two fleets, each under its own keys in one Redis
+    # The Redis pod the policy guards, and the port it opens.
+    policy = find("NetworkPolicy", "laneswitch-redis")
+    redis_labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    redis_container = container(redis, "redis")
+    assert policy["spec"]["ingress"][0]["ports"][0]["port"] in {
+        p["name"] for p in redis_container["ports"]
+    }
+    # For trying it: no persistence (an empty Redis is re-seeded by the members), one at a
+    # time, non-root, read-only root filesystem with its data directory on a volume.
+    args = redis_container["args"]
+    assert args[args.index("--save") + 1] == "" and "--appendonly" in args
+    assert redis["spec"]["replicas"] == 1 and redis["spec"]["strategy"]["type"] == "Recreate"
+    pod = redis["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert redis_container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert any(m["mountPath"] == "/data" for m in redis_container["volumeMounts"])
+    comment = (KUBE / "redis" / "redis.yaml").read_text()
+    assert "managed Redis or one behind Sentinel" in comment
+    readme = (ROOT / "README.md").read_text()
+    assert "kubectl apply -f deploy/kubernetes/redis/" in readme
 
 
 def test_readme_names_the_secret_the_manifests_use() -> None:
