@@ -46,6 +46,14 @@ SPEC_METRICS = {
     "laneswitch_state_entries_skipped_total": "counter",
     "laneswitch_state_write_failures_total": "counter",
 }
+# SPEC §9: exported only by a member of a fleet (a `fleet` block), with no labels of their own.
+FLEET_METRICS = {
+    "laneswitch_fleet_members": "gauge",
+    "laneswitch_fleet_leader": "gauge",
+    "laneswitch_fleet_store_up": "gauge",
+    "laneswitch_fleet_apply_seconds": "histogram",
+}
+RULES = ROOT / "deploy" / "prometheus" / "laneswitch-rules.yml"
 # What Grafana puts in place of its variables when it sends a query.
 GRAFANA_VARIABLES = {
     "$__rate_interval": "1m",
@@ -100,9 +108,18 @@ def variable_metrics() -> list[str]:
 
 def base_name(sample: str) -> str:
     for suffix in ("_bucket", "_sum", "_count"):
-        if sample.endswith(suffix) and sample[: -len(suffix)] in SPEC_METRICS:
+        if sample.endswith(suffix) and sample[: -len(suffix)] in SPEC_METRICS | FLEET_METRICS:
             return sample[: -len(suffix)]
     return sample
+
+
+def samples_of(metrics: dict[str, str]) -> set[str]:
+    """The sample names of the families (a histogram's _bucket, _sum and _count)."""
+    found = set(metrics)
+    for name, kind in metrics.items():
+        if kind == "histogram":
+            found |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    return found
 
 
 def promtool() -> str:
@@ -219,10 +236,7 @@ async def exported_metrics() -> dict[str, str]:
 
 async def test_dashboard_names_only_exported_or_spec_metrics() -> None:
     exported = await exported_metrics()
-    spec_samples = set(SPEC_METRICS)
-    for name, kind in SPEC_METRICS.items():
-        if kind == "histogram":
-            spec_samples |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    spec_samples = samples_of(SPEC_METRICS) | samples_of(FLEET_METRICS)
     used: dict[str, list[str]] = {}
     for where, expr in dashboard_queries():
         for name in METRIC_NAME.findall(expr):
@@ -242,3 +256,49 @@ async def test_dashboard_names_only_exported_or_spec_metrics() -> None:
     for name in used:
         if name in exported and base_name(name) in SPEC_METRICS:
             assert exported[name] == SPEC_METRICS[base_name(name)], name
+
+
+def test_the_fleet_panels_and_alerts_use_the_fleet_metrics_as_named() -> None:
+    """Leader changes, members pending and the store down: on the dashboard and as alerts,
+    with the fleet metrics exactly as SPEC §9 and the README's metrics table name them."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Metrics") : text.index("## Workers")]
+    rows = dict(re.findall(r"^\| `(laneswitch_fleet_\w+)` \| (\w+) \|", section, re.MULTILINE))
+    assert rows == FLEET_METRICS
+    fleet_samples = samples_of(FLEET_METRICS)
+    panels = {panel["title"]: panel for panel in load_dashboard()["panels"]}
+    wanted = {
+        "Fleet leader": "laneswitch_fleet_leader",
+        "Leader changes": "laneswitch_fleet_leader",
+        "Fleet members: scraped vs live": "laneswitch_fleet_members",
+        "Fleet store up per member": "laneswitch_fleet_store_up",
+        "Change applied (p99, p50)": "laneswitch_fleet_apply_seconds_bucket",
+    }
+    for title, metric in wanted.items():
+        exprs = [target["expr"] for target in panels[title]["targets"]]
+        assert all(metric in expr for expr in exprs), (title, exprs)
+    alerts = {
+        rule["alert"]: rule["expr"]
+        for group in yaml.safe_load(RULES.read_text())["groups"]
+        for rule in group["rules"]
+    }
+    for alert, metric in {
+        "LaneswitchFleetStoreDown": "laneswitch_fleet_store_up",
+        "LaneswitchFleetNoLeader": "laneswitch_fleet_leader",
+        "LaneswitchFleetLeaderChanges": "laneswitch_fleet_leader",
+        "LaneswitchFleetMembersPending": "laneswitch_fleet_members",
+        "LaneswitchFleetApplySlow": "laneswitch_fleet_apply_seconds_bucket",
+    }.items():
+        assert metric in alerts[alert], alert
+    # No other fleet name anywhere: a typo would be a panel or an alert that never shows.
+    used = {
+        name
+        for expr in [*alerts.values(), *(expr for _, expr in dashboard_queries())]
+        for name in METRIC_NAME.findall(expr)
+        if name.startswith("laneswitch_fleet_")
+    }
+    assert used <= fleet_samples, used - fleet_samples
+    assert {base_name(name) for name in used} == set(FLEET_METRICS)
+    # The README's alert table lists them.
+    for alert in alerts:
+        assert f"`{alert}`" in text, alert

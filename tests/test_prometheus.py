@@ -67,6 +67,10 @@ def test_alerting_rules_pass_promtool_check_rules() -> None:
         "LaneswitchCanaryErrorRateHigh",
         "LaneswitchRollback",
         "LaneswitchConfigReloadFailing",
+        "LaneswitchFleetStoreDown",
+        "LaneswitchFleetNoLeader",
+        "LaneswitchFleetLeaderChanges",
+        "LaneswitchFleetMembersPending",
     } <= alerts
 
 
