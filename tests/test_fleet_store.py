@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from proxy.events import MAX_EVENTS, MAX_NOISE_EVENTS
 from proxy.fleet import counts
 from proxy.fleet.lease import Leadership
+from proxy.fleet.record import Mirror
 from proxy.fleet.store import Fence, FleetStore, StoreUnavailable, WriteRefused, new_lease_value
 from proxy.metrics import StatsSnapshot
 from tests.helpers import RedisServer, redis_server
@@ -88,6 +90,53 @@ async def test_events_share_one_id_sequence_and_keep_their_json(store: FleetStor
     assert found[0] == {"id": 1, "action": "switch", "member": "a", "values": {"checks": []}}
     assert [e["id"] for e in await store.events_since(2)] == [3]
     assert (await store.read()) == (1, {"a": 1})  # events alone do not move the generation
+
+
+async def test_a_storm_of_noise_never_evicts_a_decision_from_the_fleets_record(
+    store: FleetStore,
+) -> None:
+    gen, ids = await store.commit(0, {"a": 1}, [{"action": "switch", "member": "a"}])
+    for _ in range(0, MAX_EVENTS + 10, 100):  # a thousand failed reloads, a hold every interval
+        noise = [{"action": "reload_failed", "member": "b"}] * 50
+        noise += [{"action": "hold", "member": "a", "actor": "auto"}] * 50
+        await store.commit(gen, None, noise)
+    found = await store.events_since(0)
+    assert found[0] == {"id": ids[0], "action": "switch", "member": "a"}
+    assert [e for e in found if e["action"] not in ("reload_failed", "hold")] == [found[0]]
+    assert len(found) == 1 + MAX_NOISE_EVENTS  # the noise has its own, smaller cap
+    assert [e["id"] for e in found] == sorted(e["id"] for e in found)
+    assert found[-1]["id"] == await store.last_event_id()
+    # Decisions are capped at MAX_EVENTS among themselves: the oldest go first.
+    for _ in range(0, MAX_EVENTS, 250):
+        await store.commit(gen, None, [{"action": "step", "member": "a", "actor": "auto"}] * 250)
+    found = await store.events_since(0)
+    decisions = [e for e in found if e["action"] == "step"]
+    assert len(decisions) == MAX_EVENTS and found[0]["action"] != "switch"
+    assert len(found) == MAX_EVENTS + MAX_NOISE_EVENTS
+    # Paged by id, across both kinds.
+    since = found[MAX_EVENTS // 2]["id"]
+    assert await store.events_since(since) == [e for e in found if e["id"] > since]
+
+
+async def test_a_reseeded_store_keeps_the_same_rule(redis: RedisServer) -> None:
+    mirror = Mirror()
+    events: list[dict[str, object]] = [{"id": 1, "action": "rollback", "member": "a"}]
+    last = 1 + 2 * MAX_NOISE_EVENTS
+    events += [{"id": i, "action": "reload", "member": "a"} for i in range(2, last + 1)]
+    mirror.extend(events)
+    mirror.extend([{"id": 3, "action": "switch"}])  # already past: not taken twice
+    assert len(mirror) == 1 + MAX_NOISE_EVENTS
+    assert mirror.since(0)[0]["action"] == "rollback"
+    assert mirror.last_id == last
+    store = FleetStore(redis.url, "shop")
+    try:
+        assert await store.seed(4, {"weights": {}}, mirror.since(0)) is True
+        found = await store.events_since(0)
+        assert found == mirror.since(0)
+        _, ids = await store.commit(4, None, [{"action": "switch"}])
+        assert ids == [mirror.last_id + 1]
+    finally:
+        await store.close()
 
 
 async def test_an_empty_store_is_seeded_once_keeping_generation_and_event_ids(

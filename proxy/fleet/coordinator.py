@@ -29,7 +29,6 @@ import os
 import socket
 import time
 from bisect import bisect_left
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -40,9 +39,9 @@ from proxy.control import ControlError, ControlPlane
 from proxy.fleet import counts
 from proxy.fleet.backend import STORE_UNAVAILABLE, StateBackend
 from proxy.fleet.lease import Leadership
+from proxy.fleet.record import Mirror
 from proxy.fleet.store import (
     CALL_TIMEOUT,
-    MAX_EVENTS,
     Fence,
     FleetStore,
     MemberRecord,
@@ -126,7 +125,7 @@ class FleetCoordinator(StateBackend):
         self.pushed = 0  # local events up to this id are in the store (or were dropped)
         self.leader_id: str | None = None
         self.members: list[MemberRecord] = []
-        self.mirror: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)  # the fleet's events
+        self.mirror = Mirror()  # the fleet's record as last read (served while the store is down)
         self.refusals = 0
         self.apply_buckets = [0] * (len(APPLY_BUCKETS) + 1)
         self.apply_sum = 0.0
@@ -303,7 +302,7 @@ class FleetCoordinator(StateBackend):
         if self.store_up:
             with contextlib.suppress(StoreUnavailable):
                 return await self.store.events_since(since)
-        return [event for event in self.mirror if int(event.get("id", 0)) > since]
+        return self.mirror.since(since)
 
     def status(self) -> dict[str, Any]:
         members = []
@@ -499,7 +498,7 @@ class FleetCoordinator(StateBackend):
         """The store holds no state (new, or restarted empty): put ours in, keeping the
         generation and the event ids. Only one member's seed is taken."""
         state = _normal(self.control.fleet_state())
-        events = list(self.mirror)
+        events = self.mirror.since(0)
         if not events:
             events = [self._event_json(e.to_json()) for e in self.control.events.since(0)]
             self.pushed = self._last_local_event()
@@ -599,8 +598,7 @@ class FleetCoordinator(StateBackend):
         return merged
 
     async def _pull_events(self) -> None:
-        last = int(self.mirror[-1]["id"]) if self.mirror else 0
-        self.mirror.extend(await self.store.events_since(last))
+        self.mirror.extend(await self.store.events_since(self.mirror.last_id))
 
     async def _resync_quietly(self) -> None:
         with contextlib.suppress(StoreUnavailable):

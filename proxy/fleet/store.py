@@ -7,7 +7,11 @@ Keys, all under `laneswitch:{name}:` so several fleets share one Redis:
     lease      the leader's "member\\ntoken", with a TTL of `lease`
     epoch      the fencing number: +1 on every acquisition of the lease
     event_id   the decision record's id sequence (INCR)
-    events     the decision record: a sorted set of event JSON by id, bounded
+    events     the decision record's decisions: a sorted set of event JSON by id, at most
+               MAX_EVENTS (oldest dropped first)
+    noise      its records of NOISE_ACTIONS (reloads, holds, webhook calls), at most
+               MAX_NOISE_EVENTS: the local record's rule, so a storm of them never evicts
+               a decision
     members    member -> JSON (admin URL, config hash, applied generation, leader view)
     seen       member -> the store's clock (ms) at its last heartbeat
     counts:S   service S's analysis counters reported since the leader last took them
@@ -34,8 +38,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-# Events kept in the store (oldest dropped first), as in a member's own log.
-MAX_EVENTS = 1000
+from proxy.events import MAX_EVENTS, MAX_NOISE_EVENTS, NOISE_ACTIONS
+
 # A members-hash entry not seen for this long (seconds) is removed from the table.
 MEMBER_FORGET_AFTER = 3600.0
 # How long one call to the store may take before the store counts as unavailable (seconds).
@@ -101,19 +105,24 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# Events are passed as JSON whose first member is `{"id": 0`; the script puts the id it draws
-# there (no JSON decoding in Lua: its cjson turns empty lists into objects).
+# Events are passed as one letter, `d` (a decision) or `n` (noise: which set it goes to), then
+# JSON whose first member is `{"id": 0`; the script puts the id it draws there (no JSON
+# decoding in Lua: its cjson turns empty lists into objects).
 _EVENT_PREFIX = '{"id": 0'
+_DECISION, _NOISE = "d", "n"
 _APPEND = """
 local ids = {}
 for i = FIRST, #ARGV do
   local id = redis.call('INCR', KEYS[4])
-  redis.call('ZADD', KEYS[3], id, '{"id": ' .. id .. string.sub(ARGV[i], PREFIX + 1))
+  local key = KEYS[3]
+  if string.sub(ARGV[i], 1, 1) == 'n' then key = KEYS[7] end
+  redis.call('ZADD', key, id, '{"id": ' .. id .. string.sub(ARGV[i], PREFIX + 2))
   ids[#ids + 1] = id
 end
 redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(MAX + 1))
+redis.call('ZREMRANGEBYRANK', KEYS[7], 0, -(NOISE_CAP + 1))
 """
-# KEYS: gen, state, events, event_id, lease, epoch.
+# KEYS: gen, state, events, event_id, lease, epoch, noise.
 # ARGV: expected gen, state JSON ('' = events only, no generation check), fence value ('' = no
 # fence), fence epoch, channel, events... Returns {gen, ids...}, or {-1, gen} stale, {-2, gen}
 # fenced.
@@ -132,6 +141,7 @@ end
 """
     + _APPEND.replace("FIRST", "6")
     .replace("PREFIX", str(len(_EVENT_PREFIX)))
+    .replace("NOISE_CAP", str(MAX_NOISE_EVENTS))
     .replace("MAX", str(MAX_EVENTS))
     + """
 if ARGV[2] ~= '' then
@@ -143,9 +153,10 @@ end
 return {current, unpack(ids)}
 """
 )
-# KEYS: gen, state, events, event_id, epoch. ARGV: gen, state JSON, least event id, channel,
-# least epoch, events (JSON with their ids)... Only into an empty store (restarted or never
-# used): 1 seeded, 0 not. The id and epoch sequences go on from where the members saw them.
+# KEYS: gen, state, events, event_id, epoch, noise. ARGV: gen, state JSON, least event id,
+# channel, least epoch, events (`d` or `n`, then JSON with their ids)... Only into an empty
+# store (restarted or never used): 1 seeded, 0 not. The id and epoch sequences go on from where
+# the members saw them.
 _SEED = f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
@@ -157,10 +168,13 @@ if tonumber(redis.call('GET', KEYS[5]) or '0') < tonumber(ARGV[5]) then
   redis.call('SET', KEYS[5], ARGV[5])
 end
 for i = 6, #ARGV do
-  local event = cjson.decode(ARGV[i])
-  redis.call('ZADD', KEYS[3], event['id'], ARGV[i])
+  local text = string.sub(ARGV[i], 2)
+  local key = KEYS[3]
+  if string.sub(ARGV[i], 1, 1) == 'n' then key = KEYS[6] end
+  redis.call('ZADD', key, cjson.decode(text)['id'], text)
 end
 redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -({MAX_EVENTS} + 1))
+redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -({MAX_NOISE_EVENTS} + 1))
 redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
@@ -198,12 +212,17 @@ return {now, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
 """
 
 
+def _kind(event: Mapping[str, Any]) -> str:
+    return _NOISE if event.get("action") in NOISE_ACTIONS else _DECISION
+
+
 def event_payload(event: Mapping[str, Any]) -> str:
-    """An event as the store's scripts take it: JSON starting with a placeholder id."""
+    """An event as the store's scripts take it: its kind, then JSON starting with a
+    placeholder id."""
     body = {key: value for key, value in event.items() if key != "id"}
     text = json.dumps({"id": 0, **body}, sort_keys=False, separators=(", ", ": "))
     assert text.startswith(_EVENT_PREFIX)
-    return text
+    return _kind(event) + text
 
 
 def new_lease_value(member: str) -> str:
@@ -282,7 +301,8 @@ class FleetStore:
         return int(gen), data if isinstance(data, dict) else {}
 
     def _state_keys(self) -> list[str]:
-        return [self.key(k) for k in ("gen", "state", "events", "event_id", "lease", "epoch")]
+        names = ("gen", "state", "events", "event_id", "lease", "epoch", "noise")
+        return [self.key(k) for k in names]
 
     async def commit(
         self,
@@ -327,18 +347,26 @@ class FleetStore:
             last,
             self.channel,
             epoch,
-            *(json.dumps(dict(e)) for e in events),
+            *(_kind(e) + json.dumps(dict(e)) for e in events),
         ]
-        keys = [self.key(k) for k in ("gen", "state", "events", "event_id", "epoch")]
+        keys = [self.key(k) for k in ("gen", "state", "events", "event_id", "epoch", "noise")]
         return bool(await self._call(lambda: self._seed(keys=keys, args=args)))
 
-    async def events_since(self, since: int, limit: int = MAX_EVENTS) -> list[dict[str, Any]]:
-        raw = await self._call(
-            lambda: self.redis.zrangebyscore(
-                self.key("events"), f"({since}", "+inf", start=0, num=limit
-            )
-        )
-        return [json.loads(str(item)) for item in raw]
+    async def events_since(
+        self, since: int, limit: int = MAX_EVENTS + MAX_NOISE_EVENTS
+    ) -> list[dict[str, Any]]:
+        """The record after `since`, decisions and noise merged by id, oldest first."""
+
+        def send() -> Awaitable[list[Any]]:
+            pipe = self.redis.pipeline(transaction=True)
+            for name in ("events", "noise"):
+                pipe.zrangebyscore(self.key(name), f"({since}", "+inf", start=0, num=limit)
+            return pipe.execute()
+
+        decisions, noise = await self._call(send)
+        found = [json.loads(str(item)) for item in [*decisions, *noise]]
+        found.sort(key=lambda event: int(event.get("id", 0)))
+        return found[:limit]
 
     async def last_event_id(self) -> int:
         raw = await self._call(lambda: self.redis.get(self.key("event_id")))
