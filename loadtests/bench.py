@@ -14,27 +14,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import grp
 import json
 import os
 import platform
 import pwd
 import re
-import resource
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from harness import (
+    ProcessGroup,
+    cpu_times,
+    http_get,
+    laneswitch_argv,
+    log_tail,
+    pinned,
+    raise_nofile_limit,
+    read_response,
+    rss_mb,
+    sigterm_as_interrupt,
+    step,
+    tree_cpu_seconds,
+    wait_ready,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
@@ -57,8 +67,6 @@ BIG_BYTES = 1 << 20
 SMALL_CONNECTIONS = 64
 BIG_CONNECTIONS = 8
 WARMUP_SECONDS = 1
-READY_TIMEOUT = 15.0
-STOP_TIMEOUT = 5.0
 WRK_GRACE = 30.0
 IDLE_CONNECTIONS = 10_000
 IDLE_OPEN_CONCURRENCY = 200
@@ -136,151 +144,6 @@ class Target:
             return "n/a"
         ok = self.value >= self.goal if self.op == ">=" else self.value <= self.goal
         return "PASS" if ok else "MISS"
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def raise_nofile_limit() -> int:
-    """Raise RLIMIT_NOFILE's soft limit to the hard limit; children inherit it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it if the harness dies without cleaning up."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-class ProcessGroup:
-    """Starts processes in their own sessions and kills every one of them on exit."""
-
-    def __init__(self) -> None:
-        self._procs: list[subprocess.Popen[bytes]] = []
-
-    def __enter__(self) -> ProcessGroup:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for proc in reversed(self._procs):
-            self.stop(proc)
-
-    def start(self, argv: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        self._procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        """SIGTERM the process group, SIGKILL it after STOP_TIMEOUT."""
-        for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=wait)
-            if proc.poll() is not None:
-                # The leader is gone; take any straggler of its group with it.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                break
-        with contextlib.suppress(ValueError):
-            self._procs.remove(proc)
-
-
-def pinned(cpus: int | str, argv: list[str]) -> list[str]:
-    """Run on `cpus` (one CPU, or a taskset list such as "0,1") when taskset and they exist."""
-    wanted = [int(cpu) for cpu in str(cpus).split(",")]
-    if shutil.which("taskset") and (os.cpu_count() or 1) > max(wanted):
-        return ["taskset", "-c", str(cpus), *argv]
-    return argv
-
-
-def log_tail(path: Path, lines: int = 8) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return "\n".join(text[-lines:])
-
-
-# --------------------------------------------------------------------------- /proc
-
-
-def child_pids() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def process_tree(pid: int) -> list[int]:
-    children = child_pids()
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, []))
-    return tree
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of the process and its live descendants."""
-    ticks = 0
-    for member in process_tree(pid):
-        try:
-            stat = Path(f"/proc/{member}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_times(cpu: int) -> tuple[int, int]:
-    """(busy, total) jiffies of one CPU from /proc/stat."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *values = line.split()
-        if name == f"cpu{cpu}":
-            ticks = [int(v) for v in values[:8]]
-            return ticks[0] + ticks[1] + ticks[2] + sum(ticks[5:8]), sum(ticks)
-    return 0, 0
-
-
-def rss_mb(pid: int) -> float:
-    """VmRSS summed over the process and all its descendants, in MB (10^6 bytes)."""
-    total_kib = 0
-    for member in process_tree(pid):
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue
-        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-        if match:
-            total_kib += int(match.group(1))
-    return total_kib * 1024 / 1e6
 
 
 # --------------------------------------------------------------------------- nginx configs
@@ -392,34 +255,6 @@ def nginx_binary() -> str:
 # --------------------------------------------------------------------------- HTTP probes
 
 
-def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
-
-
-def wait_ready(
-    proc: subprocess.Popen[bytes], url: str, timeout: float = READY_TIMEOUT
-) -> str | None:
-    """Poll url until it answers 200. Returns None when ready, else why not."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return f"exited with code {proc.returncode}"
-        try:
-            status, _ = http_get(url, timeout=1.0)
-            if status == 200:
-                return None
-            last = f"HTTP {status}"
-        except (OSError, ValueError) as exc:
-            last = exc.__class__.__name__
-        time.sleep(0.1)
-    return f"not ready after {timeout:.0f}s ({last})"
-
-
 def green_share(samples: int = SPLIT_SAMPLES) -> float:
     """Percentage of sample requests that green answered (expected about 10)."""
     greens = 0
@@ -519,21 +354,12 @@ IDLE_REQUEST = (
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-async def read_response(reader: asyncio.StreamReader) -> bool:
-    """Read one HTTP/1.1 response; True when the server means to keep the connection."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
-    status_line, _, headers = head.partition("\r\n")
-    if " 200 " not in status_line + " ":
-        raise RuntimeError(f"unexpected status: {status_line.strip()}")
-    if "transfer-encoding: chunked" in headers:
-        while size := int((await reader.readline()).split(b";")[0], 16):
-            await reader.readexactly(size + 2)
-        while (await reader.readline()) not in (b"\r\n", b""):
-            pass  # trailers
-    else:
-        length = re.search(r"content-length:\s*(\d+)", headers)
-        await reader.readexactly(int(length.group(1)) if length else 0)
-    return "connection: close" not in headers
+async def read_ok_response(reader: asyncio.StreamReader) -> bool:
+    """Read one 200 response; True when the server means to keep the connection."""
+    response = await read_response(reader)
+    if response.status != 200:
+        raise RuntimeError(f"unexpected status: {response.status}")
+    return response.keep_alive
 
 
 async def open_idle_connection(limit: asyncio.Semaphore) -> Connection:
@@ -541,7 +367,7 @@ async def open_idle_connection(limit: asyncio.Semaphore) -> Connection:
         reader, writer = await asyncio.open_connection(HOST, PROXY_PORT)
         try:
             writer.write(IDLE_REQUEST)
-            if not await read_response(reader):
+            if not await read_ok_response(reader):
                 raise RuntimeError("server answered Connection: close")
         except BaseException:
             writer.transport.abort()
@@ -630,15 +456,6 @@ def multi_worker_specs(args: argparse.Namespace, work: Path, nofile: int) -> dic
             ready_url=f"http://{HOST}:{ADMIN_PORT}/readyz",
         ),
     }
-
-
-def laneswitch_argv(override: str | None, config: Path) -> list[str]:
-    """Default: `python -m proxy run -c FILE`. An override may hold {config}, else gets -c FILE."""
-    if not override:
-        return [sys.executable, "-m", "proxy", "run", "-c", str(config)]
-    if "{config}" in override:
-        return shlex.split(override.replace("{config}", shlex.quote(str(config))))
-    return [*shlex.split(override), "-c", str(config)]
 
 
 def bench_proxy(
@@ -940,10 +757,6 @@ def save_json(
 # --------------------------------------------------------------------------- main
 
 
-def step(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (10)")
@@ -994,21 +807,6 @@ def preflight() -> None:
         sys.exit(f"ports already in use on {HOST}: {busy} (a previous run still alive?)")
     if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
         step("warning: fewer than 2 CPUs or no taskset: running unpinned")
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous: dict[int, Callable[..., object] | int | None] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        previous[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
 
 
 def run(args: argparse.Namespace, results: list[ProxyResult]) -> None:
