@@ -54,23 +54,32 @@ _FORWARDED_WITH_HOST = (
     b"X-Real-IP: %s\r\nForwarded: %s\r\nVia: %s\r\nX-Request-Id: %s\r\n"
 )
 # The same for the plain path, where the client sent none of them: the peer stands for the
-# client everywhere (`wire.forwarded_element` spelled out), a new request id (`RequestIds.next`
-# spelled out: prefix and counter) and the blank line that ends the head.
-_FORWARDED_NEW_ID = (
+# client everywhere (`wire.forwarded_element` spelled out), and the blank line that ends the head
+# follows a new request id (`RequestIds.next` spelled out: prefix and counter). All but the id
+# are the same for every request of a keep-alive connection: the connection keeps them made
+# (`plain_forwarded`), and a request formats only its id.
+_PLAIN_FORWARDED = (
     b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Real-IP: %s\r\n"
-    b"Forwarded: for=%s;proto=http\r\nVia: %s\r\nX-Request-Id: %s-%x\r\n\r\n"
+    b"Forwarded: for=%s;proto=http\r\nVia: %s\r\n"
 )
-_FORWARDED_WITH_HOST_NEW_ID = (
+_PLAIN_FORWARDED_WITH_HOST = (
     b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
     b'X-Real-IP: %s\r\nForwarded: for=%s;host="%s";proto=http\r\nVia: %s\r\n'
-    b"X-Request-Id: %s-%x\r\n\r\n"
 )
+_NEW_REQUEST_ID = b"X-Request-Id: %s-%x\r\n\r\n"
 
 # The proxy's Via entry (RFC 9110 §7.6.3): the protocol the message was received with, and the
 # proxy's pseudonym. Responses reach the client as HTTP/1.1 (see `_response_tail`).
 VIA_11 = b"1.1 laneswitch"
 VIA_10 = b"1.0 laneswitch"
 _VIA_LINE = b"Via: 1.1 laneswitch\r\n"
+
+
+def plain_forwarded(peer: bytes, node: bytes, host: bytes | None, via: bytes) -> bytes:
+    """The forwarding headers of a plain request (see `_PLAIN_FORWARDED`), but its id."""
+    if host is None:
+        return _PLAIN_FORWARDED % (peer, peer, node, via)
+    return _PLAIN_FORWARDED_WITH_HOST % (peer, host, peer, node, host, via)
 
 
 class Exchange:
@@ -256,32 +265,28 @@ class Exchange:
         to carry over, no Connection header, no body framing or upgrade to restate."""
         self.version = pick_weighted(route)
         proto = self.proto
+        host = self.host
+        http_10 = self.http_10
+        forwarded = proto.plain_forwarded
+        if not forwarded or host != proto.plain_forwarded_host or http_10 != proto.plain_http_10:
+            forwarded = proto.plain_forwarded = plain_forwarded(
+                peer, proto.peer_node, host, VIA_10 if http_10 else VIA_11
+            )
+            proto.plain_forwarded_host = host
+            proto.plain_http_10 = http_10
         ids = proto.plane.request_ids
         ids.count += 1
-        via = VIA_10 if self.http_10 else VIA_11
-        host = self.host
-        if host is not None:
-            forwarded = _FORWARDED_WITH_HOST_NEW_ID % (
-                peer,
-                host,
-                peer,
-                proto.peer_node,
-                host,
-                via,
-                ids.prefix,
-                ids.count,
-            )
-        else:
-            forwarded = _FORWARDED_NEW_ID % (
-                peer,
-                peer,
-                proto.peer_node,
-                via,
-                ids.prefix,
-                ids.count,
-            )
         return b"".join(
-            (self.method, b" ", self.url, b" HTTP/1.1\r\n", self.host_line, *self.lines, forwarded)
+            (
+                self.method,
+                b" ",
+                self.url,
+                b" HTTP/1.1\r\n",
+                self.host_line,
+                *self.lines,
+                forwarded,
+                _NEW_REQUEST_ID % (ids.prefix, ids.count),
+            )
         )
 
     def _build_upstream_head(self, route: ServiceRoute, peer: bytes, trusted_hops: int) -> bytes:

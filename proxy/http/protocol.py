@@ -90,6 +90,9 @@ class DownstreamProtocol(asyncio.Protocol):
         "peer",
         "peer_node",
         "pipeline",
+        "plain_forwarded",
+        "plain_forwarded_host",
+        "plain_http_10",
         "plane",
         "settings",
         "timer_kind",
@@ -106,6 +109,11 @@ class DownstreamProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.peer = b""
         self.peer_node = b""  # the peer as an RFC 7239 node, for Forwarded
+        # The forwarding headers of this connection's last plain request, and the Host and
+        # protocol version they were made for (see `exchange.plain_forwarded`).
+        self.plain_forwarded = b""
+        self.plain_forwarded_host: bytes | None = None
+        self.plain_http_10 = False
         # One deadline per connection (request head, or keep-alive idle), checked by the
         # plane's ticker.
         self.deadline = NEVER
