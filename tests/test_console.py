@@ -26,8 +26,10 @@ from tests.helpers import (
     ROOT,
     Member,
     RecordingUpstream,
+    Responder,
     Traffic,
     admin_call,
+    running_fleet,
     version_responder,
 )
 
@@ -193,17 +195,34 @@ def write_config(
 
 
 @contextlib.asynccontextmanager
-async def running_console(
-    tmp: Path, *, token: str | None = None, **options: str
-) -> AsyncIterator[Console]:
+async def chromium() -> AsyncIterator[Browser]:
+    """Debian's chromium, headless, driven by Playwright (no browser download)."""
     assert shutil.which(CHROMIUM), f"{CHROMIUM} is missing (apt-get install chromium)"
-    blue = await RecordingUpstream("blue", version_responder("blue")).start()
-    green = await RecordingUpstream("green", version_responder("green")).start()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@contextlib.asynccontextmanager
+async def running_console(
+    tmp: Path,
+    *,
+    token: str | None = None,
+    green: Responder | None = None,
+    **options: str,
+) -> AsyncIterator[Console]:
+    """Upstreams blue and green, a webhook receiver, `laneswitch run` in front of them with
+    traffic flowing through it, and a browser."""
+    blue_upstream = await RecordingUpstream("blue", version_responder("blue")).start()
+    green_upstream = await RecordingUpstream("green", green or version_responder("green")).start()
     hooks = await RecordingUpstream("hooks").start()
     config = write_config(
         tmp / "console.yaml",
-        blue.endpoint,
-        green.endpoint,
+        blue_upstream.endpoint,
+        green_upstream.endpoint,
         hooks.endpoint,
         token=token,
         **options,
@@ -213,17 +232,13 @@ async def running_console(
     try:
         await member.start()
         traffic = Traffic(member.data_port, pause=0.01).start()
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                yield Console(member, browser, tmp, token)
-            finally:
-                await browser.close()
+        async with chromium() as browser:
+            yield Console(member, browser, tmp, token)
     finally:
         if traffic is not None:
             await traffic.stop()
         await member.stop()
-        for upstream in (blue, green, hooks):
+        for upstream in (blue_upstream, green_upstream, hooks):
             await upstream.stop()
 
 
@@ -286,6 +301,7 @@ async def test_page_loads_clean_in_read_view_and_its_charts_grow(tmp_path: Path)
             "green min 95 %"
         )
         await expect(page.page.locator(".stepper li[aria-current=step]")).to_be_visible()
+        await expect(page.page.locator(".rollout .facts")).to_contain_text("next analysis in")
         await expect(page.page.locator(".timeline li .action").first).to_be_visible()
 
         for width, height in ((1280, 800), (390, 844)):
@@ -445,3 +461,75 @@ async def test_names_and_reasons_are_text_never_markup(tmp_path: Path) -> None:
         assert await page.page.locator("img").count() == 0
         assert page.unexpected_errors() == []
         assert await page.csp_violations() == []
+
+
+async def test_a_failing_canary_shows_its_failed_checks_against_the_thresholds(
+    tmp_path: Path,
+) -> None:
+    failing = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\n\r\nfail\n"
+    async with running_console(tmp_path, green=lambda request: failing) as console:
+        page = await console.open()
+        await expect(page.version_row("green")).to_be_visible()
+        code, body = await console.call("POST", "/services/shop/rollout/start")
+        assert code == 200, body
+        await wait_status(
+            console, lambda s: s["services"]["shop"]["rollout"]["phase"] == "rolled_back"
+        )
+        await expect(page.page.locator(".badge")).to_have_text("rollout rolled_back")
+        await expect(page.page.locator(".rollout .facts")).to_contain_text("failed checks 2 of 2")
+        failed = page.page.locator(".analysis tr.failed", has_text="success rate")
+        await expect(failed.locator("td").nth(0)).to_have_text("0 %")
+        await expect(failed.locator("td").nth(1)).to_have_text("≥ 95 %")
+        await expect(failed.locator("td").nth(2)).to_have_text("fail")
+        await expect(page.page.locator(".intervals li").first).to_contain_text("fail (")
+        newest = page.page.locator(".timeline li").first
+        await expect(newest.locator(".action")).to_have_text("rollback")
+        await expect(newest.locator(".actor")).to_have_text("by auto")
+        assert page.unexpected_errors() == []
+
+
+async def test_in_a_fleet_it_shows_members_leader_and_applied_generations(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path) as fleet, chromium() as browser:
+        a, b = fleet.member("a"), fleet.member("b")
+        await asyncio.gather(a.start(), b.start())
+        traffic = Traffic(a.data_port, pause=0.02).start()
+        try:
+            console = Console(b, browser, tmp_path, None)
+            status = await wait_status(console, lambda s: s["fleet"]["leader"] is not None)
+            leader = status["fleet"]["leader"]
+            page = await console.open()
+            section = page.page.locator("#fleet")
+            await expect(section).to_be_visible()
+            await expect(section.locator("tbody tr")).to_have_count(2)
+            await expect(section.locator(f'tr[data-member="{leader}"] .leader')).to_have_text(
+                "leader"
+            )
+
+            # A change made through the page on one member: every member applies it, and the
+            # page shows each member's applied generation move to the new one.
+            await page.page.get_by_role("button", name="Operate: show the actions").click()
+            await page.button("Weights shop").click()
+            dialog = page.page.get_by_role("dialog")
+            await dialog.get_by_label("blue").fill("40")
+            await dialog.get_by_label("green").fill("60")
+            await dialog.get_by_role("button", name="Confirm: Weights shop", exact=True).click()
+            await expect(page.page.locator(".service .result")).to_contain_text("done")
+            code, seen_by_a = await admin_call(a.admin_port, "GET", "/status")
+            assert code == 200
+            assert seen_by_a["services"]["shop"]["versions"]["green"]["weight"] == 60
+            generation = seen_by_a["fleet"]["generation"]
+            assert generation > status["fleet"]["generation"]
+            for member in ("a", "b"):
+                await expect(section.locator(f'tr[data-member="{member}"] .applied')).to_have_text(
+                    str(generation)
+                )
+            await expect(page.version_row("green").locator(".wlabel").first).to_have_text(
+                "weight 60 % (60)"
+            )
+            await expect(page.page.locator(".timeline li .actor").first).to_contain_text(
+                "by admin on b"
+            )
+            assert page.unexpected_errors() == []
+            assert await page.csp_violations() == []
+        finally:
+            await traffic.stop()

@@ -651,11 +651,11 @@
       body.append(
         el(
           "tr",
-          { cls: m.live ? "" : "failed" },
+          { cls: m.live ? "" : "failed", attrs: { "data-member": m.id } },
           el("th", { text: m.id, attrs: { scope: "row" } }),
-          el("td", { text: m.leader ? "leader" : "" }),
+          el("td", { cls: "leader", text: m.leader ? "leader" : "" }),
           el("td", { text: m.live ? "live" : "gone" }),
-          el("td", { text: fmt(m.applied) }),
+          el("td", { cls: "applied", text: fmt(m.applied) }),
           el("td", { text: m.last_seen === null || m.last_seen === undefined ? "–" : `${fmt(m.last_seen)} s ago` }),
           el("td", { cls: "address", text: m.admin || "" }),
         ),
