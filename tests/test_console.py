@@ -391,6 +391,13 @@ async def test_actions_start_rollback_switch_and_a_refusal_shown_verbatim(tmp_pa
         if update:
             shutil.copy(shot, ROOT / "docs" / "console.png")
 
+        # Pause and Resume: the phase follows.
+        badge = page.page.locator(".badge")
+        await page.act("Pause shop")
+        await expect(badge).to_have_text("rollout paused")
+        await page.act("Resume shop")
+        await expect(badge).to_have_text("rollout progressing")
+
         # Rollback: the weights move in the page within 2 s of the confirmation.
         await page.button("Rollback shop").click()
         confirm = page.page.get_by_role("button", name="Confirm: Rollback shop", exact=True)
@@ -438,6 +445,12 @@ async def test_actions_start_rollback_switch_and_a_refusal_shown_verbatim(tmp_pa
         await expect(page.version_row("green").locator(".wlabel").first).to_have_text(
             "weight 30 % (30)", timeout=2_000
         )
+
+        # Abort a new run.
+        await page.act("Start shop")
+        await expect(badge).to_have_text("rollout progressing")
+        await page.act("Abort shop")
+        await expect(badge).to_have_text("rollout aborted")
 
         assert page.unexpected_errors(401, 409) == []
         assert await page.csp_violations() == []
