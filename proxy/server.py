@@ -198,6 +198,11 @@ class Server:
             self.pool.close_reservations()
         if self.coordinator is not None:
             await self.coordinator.stop()  # hands a lease it took back to the fleet
+        await self._release()
+
+    async def _release(self) -> None:
+        """The end of both a stop and an abandoned start: timers, pools, health checks, the
+        admin API, then the listeners' last close."""
         self.plane.stop_ticker()
         self.plane.stop_drains()
         self.plane.pools.close()
@@ -286,19 +291,7 @@ class Server:
             self.plane.begin_drain()
             await self._drained_or_hurried(drain_timeout)
             cut = self.plane.cut_all()
-        self.plane.stop_ticker()
-        self.plane.stop_drains()
-        self.plane.pools.close()
-        self.control.close()
-        for sampler in (self._sampler, self._history_sampler):
-            if sampler is not None:
-                sampler.cancel()
-        if self.health is not None:
-            await self.health.stop()
-        if self.admin is not None:
-            await self.admin.stop()
-        for listener in self.listeners:
-            await listener.wait_closed()
+        await self._release()
         return cut
 
     async def _drained_or_hurried(self, drain_timeout: float) -> None:
