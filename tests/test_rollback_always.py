@@ -164,6 +164,20 @@ async def test_a_hook_that_never_answers_delays_the_rollback_by_at_most_an_inter
             assert actions(proxy.server).count("rollback") == 1
 
 
+async def impatient_client(port: int, stop: asyncio.Event, outcomes: list[str]) -> None:
+    """Until `stop`: one request per connection, given up after 400 ms (recorded as "gave up",
+    else the status)."""
+    while not stop.is_set():
+        client = await Client.connect(port)
+        try:
+            response = await asyncio.wait_for(client.request(get("/")), 0.4)
+            outcomes.append(str(response.status))
+        except TimeoutError:
+            outcomes.append("gave up")
+        finally:
+            await client.close()
+
+
 @pytest.mark.parametrize("with_hook", [False, True], ids=["analysis", "analysis-and-stalled-hook"])
 async def test_a_canary_that_never_answers_is_rolled_back_though_its_clients_give_up_first(
     tmp_path: Path, with_hook: bool
@@ -189,19 +203,10 @@ async def test_a_canary_that_never_answers_is_rolled_back_though_its_clients_giv
         async with admin_proxy(tmp_path, text) as proxy:
             stop = asyncio.Event()
             outcomes: list[str] = []
-
-            async def impatient_client() -> None:
-                while not stop.is_set():
-                    client = await Client.connect(proxy.proxy_port)
-                    try:
-                        response = await asyncio.wait_for(client.request(get("/")), 0.4)
-                        outcomes.append(str(response.status))
-                    except TimeoutError:
-                        outcomes.append("gave up")
-                    finally:
-                        await client.close()
-
-            clients = [asyncio.create_task(impatient_client()) for _ in range(8)]
+            clients = [
+                asyncio.create_task(impatient_client(proxy.proxy_port, stop, outcomes))
+                for _ in range(8)
+            ]
             try:
                 began = time.monotonic()
                 await start(proxy)
@@ -248,19 +253,9 @@ async def test_promise_6_worst_case_with_the_real_command(tmp_path: Path) -> Non
         admin = int(proxy.admin_url.rsplit(":", 1)[1])
         stop = asyncio.Event()
         outcomes: list[str] = []
-
-        async def impatient_client() -> None:
-            while not stop.is_set():
-                client = await Client.connect(proxy.port)
-                try:
-                    response = await asyncio.wait_for(client.request(get("/")), 0.4)
-                    outcomes.append(str(response.status))
-                except TimeoutError:
-                    outcomes.append("gave up")
-                finally:
-                    await client.close()
-
-        clients = [asyncio.create_task(impatient_client()) for _ in range(8)]
+        clients = [
+            asyncio.create_task(impatient_client(proxy.port, stop, outcomes)) for _ in range(8)
+        ]
         try:
             began = time.monotonic()
             status, body = await admin_call(admin, "POST", "/services/shop/rollout/start")
