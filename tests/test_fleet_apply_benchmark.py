@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 BENCHMARK = ROOT / "loadtests" / "fleet_apply.py"
 
 
