@@ -124,7 +124,9 @@ async def test_a_failing_canary_is_rolled_back_once_for_the_fleet_on_the_summed_
     assert len(rollbacks) == 1, rollbacks
     leader = rollbacks[0]["member"]
     assert rollbacks[0]["actor"] == "auto"
-    judged = [e for e in record if e["action"] in ("check_failed", "rollback")]
+    # Every interval's analysis: an interval with too few requests for a verdict (likely on a
+    # loaded machine, the first after the step) is a hold, and its requests count too.
+    judged = [e for e in record if e["action"] in ("hold", "check_failed", "rollback")]
     assert all(e["member"] == leader for e in judged)
     analysed = sum(e["values"]["requests"] for e in judged)
     # The analysis judged the fleet's requests: what every member sent to green, not one
