@@ -1,5 +1,7 @@
-"""`laneswitch demo`: two small upstreams (blue, green), the proxy in front of them, some traffic,
-and a canary rollout of green to watch.
+"""`laneswitch demo`: a canary rollout to watch, with its upstreams and traffic, in one process.
+
+Two small upstreams (blue, green), the proxy in front of them, some traffic, and a canary
+rollout of green to watch.
 
 Everything runs in this one process on loopback, so a newcomer sees a split and a closed-loop
 rollout with nothing to install or configure. The tour: green is rolled out step by step and

@@ -1,5 +1,6 @@
-"""Wiring: config -> control plane -> data plane listeners, admin API, health checks, reloads,
-signals and the graceful stop.
+"""Wiring: config -> control plane -> data plane listeners, admin API, signals, graceful stop.
+
+Health checks and reloads are started here too.
 
 Start-up order matters to a load balancer in front: the admin API comes up first (so /healthz
 answers and /readyz says 503), then the first round of health checks, then the data listeners;

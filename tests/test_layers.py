@@ -34,7 +34,7 @@ LAYERS: dict[str, int] = {
     "proxy.watch": 1,
     "proxy.state": 1,
     "proxy.rollout.": 4,
-    "proxy.rollout": 4,  # the package __init__ is empty
+    "proxy.rollout": 4,  # the package __init__ holds only its docstring
     "proxy.admin.": 4,
     "proxy.admin": 4,
     "proxy.control": 4,
@@ -56,7 +56,8 @@ LAYERS: dict[str, int] = {
     "proxy.runtime": 5,
     "proxy.__main__": 5,
     "proxy": 0,  # proxy/__init__.py holds only the version
-    # Package __init__ files are empty; `from proxy.http import wire` resolves to the lowest.
+    # These package __init__ files hold only a docstring; `from proxy.http import wire` resolves to
+    # the lowest.
     "proxy.http": 0,
     "proxy.routing": 2,
     "proxy.upstream": 2,

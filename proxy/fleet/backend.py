@@ -1,5 +1,6 @@
-"""What the control plane asks of the place its runtime state lives: the narrow interface
-between `ControlPlane` (and its `RolloutManager`) and fleet mode.
+"""What the control plane asks of the place its runtime state lives (fleet mode or none).
+
+The narrow interface between `ControlPlane` (and its `RolloutManager`) and fleet mode.
 
 `LocalBackend` is a fleet of one (no `fleet` block): every call is a no-op or says yes, so the
 control plane behaves exactly as without fleet mode. `coordinator.FleetCoordinator` is the

@@ -1,11 +1,12 @@
-"""The analysis counters in the store, envoyproxy/ratelimit style: every member adds what it
-served since its last report (one MULTI of HINCRBYs) to one open hash per service, one field per
-(member, service, version, counter). The leader takes that hash whole (read and delete in one
-script) when an analysis window starts and when it ends, so a window holds exactly what the
-members reported in between: the fleet's requests of the interval to within one report
-interval, with no time grid to round to. The latency buckets are the fixed `LATENCY_BUCKETS`,
-so the members' histograms add up exactly. Pure: encoding and summing only; `store.FleetStore`
-does the I/O.
+"""The analysis counters in the store: encoding the members' reports and summing windows.
+
+envoyproxy/ratelimit style: every member adds what it served since its last report (one MULTI
+of HINCRBYs) to one open hash per service, one field per (member, service, version, counter).
+The leader takes that hash whole (read and delete in one script) when an analysis window starts
+and when it ends, so a window holds exactly what the members reported in between: the fleet's
+requests of the interval to within one report interval, with no time grid to round to. The
+latency buckets are the fixed `LATENCY_BUCKETS`, so the members' histograms add up exactly.
+Pure: encoding and summing only; `store.FleetStore` does the I/O.
 """
 
 from __future__ import annotations

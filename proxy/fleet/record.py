@@ -1,6 +1,9 @@
-"""The fleet's decision record as a member mirrors it (to serve GET /events and to re-seed an
-empty store while or after the store is away): the local record's rule, decisions and noise
-capped apart, so a storm of noise never pushes a decision out. Pure, no I/O."""
+"""The fleet's decision record as a member mirrors it. Pure, no I/O.
+
+The mirror serves GET /events and re-seeds an empty store while or after the store is away. It
+keeps the local record's rule, decisions and noise capped apart, so a storm of noise never
+pushes a decision out.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Counter deltas from a worker to its parent: taken from the worker's `StatsRegistry` since the
-last report, folded into the parent's, so every reader of the counters sees one process."""
+"""Counter deltas from a worker to its parent, so every reader of the counters sees one process.
+
+A delta is taken from the worker's `StatsRegistry` since the last report and folded into the
+parent's.
+"""
 
 from __future__ import annotations
 
