@@ -373,9 +373,11 @@ async def test_sigterm_waits_for_tunnels_up_to_the_drain_timeout_then_cuts_and_c
             end_writer.write_eof()
             assert await read_to_eof(ending.reader) == b""
             assert await lasting.closed(timeout=drain + 2)
+            # The drain timeout governs when the cut happens; the processes' own teardown
+            # (slower with workers on a loaded machine) is bounded by the wait below.
+            cut_after = time.monotonic() - stopped_at
+            assert drain * 0.9 <= cut_after < drain + 1, cut_after
             assert await asyncio.wait_for(proxy.process.wait(), drain + 1) == 0
-            took = time.monotonic() - stopped_at
-            assert drain * 0.9 <= took < drain + 1, took
             await proxy.line(r"stopped \(1 request\(s\) cut at the drain timeout\)", mark)
             await ending.close()
             await lasting.close()
