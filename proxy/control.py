@@ -333,25 +333,30 @@ class ControlPlane:
         values: dict[str, Any],
         thresholds: dict[str, Any],
         phases: tuple[str, str],
-        state: Mapping[str, Any] | None = None,
+        run: tuple[RolloutState, RolloutState],
     ) -> bool:
-        """Carry out one rollout decision: the new weights (if any) through the same install,
-        acknowledgement and drain as a switch, then its event and the state file (which holds
-        the rollout's state, already updated by the caller to `state`). The event's from/to
-        are the weights when they change, else the rollout's phases. False: dropped."""
+        """Carry out one rollout decision, computed from the run's state `run[0]`: its new
+        state `run[1]` and weights (if any) are stored together, the weights installed
+        through the same acknowledgement and drain as a switch, then its event and the state
+        file. The event's from/to are the weights when they change, else the rollout's
+        phases. False: dropped, nothing changed."""
         async with self._lock:
             # The decision was computed before the lock: a reload in between may have removed
             # the service or renamed its versions, or moved the run itself (a new run, a
             # pause, steps edited), and such a stale decision must never be installed (that
             # reload already dealt with the rollout).
             current = self.config.services.get(service)
+            decided_from, state = run
             if (
                 current is None
                 or (weights is not None and validate_weights(current, weights) is not None)
-                or (state is not None and self.rollout_state.get(service) != state)
+                or RolloutState.from_json(self.rollout_state.get(service, {})) != decided_from
             ):
                 log.warning("%s: %s dropped: the config changed under it", service, action)
                 return False
+            # Only now, with the weights: whatever saves the state file while the decision
+            # waits for the lock must not persist a step whose weights were never applied.
+            self.rollout_state[service] = state.to_json()
             before = dict(self.weights[service])
             from_: Any = phases[0]
             to: Any = phases[1]

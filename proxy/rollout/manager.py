@@ -583,10 +583,13 @@ class RolloutManager:
     async def _carry_out(
         self, service: str, before: RolloutState, outcome: Outcome, actor: str
     ) -> None:
-        """Store the new state, then apply each decision (weights, event, state file)."""
-        self._store(service, outcome.state)
-        stored = self.control.rollout_state[service]
+        """Apply each decision with the new state (state, weights, event, state file), or
+        without one, store the new state alone (it moves no traffic)."""
+        if not outcome.decisions:
+            self._store(service, outcome.state)
+            return
         phases = (before.phase, outcome.state.phase)
+        decided_from = before
         for decision in outcome.decisions:
             applied = await self.control.apply_rollout(
                 service,
@@ -597,10 +600,11 @@ class RolloutManager:
                 values=decision.values,
                 thresholds=decision.thresholds,
                 phases=phases,
-                state=stored,
+                run=(decided_from, outcome.state),
             )
             if not applied:
                 return
+            decided_from = outcome.state
             if decision.weights is not None:
                 self._mark(service)
             if decision.rollback is not None:
