@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.http import wire
+from proxy.codec import wire
 from tests.helpers import (
     ReceivedRequest,
     RecordingUpstream,

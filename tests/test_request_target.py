@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.http import wire
+from proxy.codec import wire
 from tests.helpers import (
     Client,
     ReceivedRequest,

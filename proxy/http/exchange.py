@@ -13,12 +13,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from proxy.errors import Failure
-from proxy.http import wire
-from proxy.http.flow import (
+from proxy.codec import wire
+from proxy.codec.flow import (
     BODY_BUFFER_FULL,
     PEER_WRITE_BLOCKED,
 )
+from proxy.errors import Failure
 from proxy.metrics import VersionStats
 from proxy.routing.splitter import choose_version, pick_weighted
 from proxy.routing.table import Endpoint, ServiceRoute, VersionRoute

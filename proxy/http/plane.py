@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from proxy.http import wire
+from proxy.codec import wire
 from proxy.http.protocol import DownstreamProtocol
 from proxy.metrics import StatsRegistry
 from proxy.routing.table import RouteTable

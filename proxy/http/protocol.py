@@ -17,10 +17,8 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from proxy.errors import Failure
-from proxy.http import wire
-from proxy.http.exchange import NEVER, Exchange
-from proxy.http.flow import (
+from proxy.codec import flow, wire
+from proxy.codec.flow import (
     PEER_WRITE_BLOCKED,
     PIPELINE_FULL,
     TUNNEL_PENDING,
@@ -28,6 +26,8 @@ from proxy.http.flow import (
     reset,
     set_write_limits,
 )
+from proxy.errors import Failure
+from proxy.http.exchange import NEVER, Exchange
 from proxy.http.tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -560,14 +560,11 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def write_backlog(self) -> int:
         """Bytes written to the client that it has not read yet."""
-        transport = self.transport
-        return transport.get_write_buffer_size() if transport is not None else 0
+        return flow.write_backlog(self.transport)
 
     def write_eof(self) -> None:
         """Send our FIN after what is queued (a tunnelled half-close)."""
-        transport = self.transport
-        if transport is not None and not transport.is_closing() and transport.can_write_eof():
-            transport.write_eof()
+        flow.write_eof(self.transport)
 
     def close(self, linger: bool = False) -> None:
         """Close after what was written; with `linger`, send a FIN after it and discard what

@@ -13,9 +13,9 @@ from typing import Protocol, cast
 
 import httptools
 
-from proxy.errors import Failure
-from proxy.http.flow import ReadGate, set_write_limits
-from proxy.http.wire import (
+from proxy.codec import flow
+from proxy.codec.flow import ReadGate, set_write_limits
+from proxy.codec.wire import (
     CONNECTION,
     CONTENT_LENGTH,
     PLAIN_CONNECTION_OPTIONS,
@@ -24,6 +24,7 @@ from proxy.http.wire import (
     UPGRADE,
     HeaderKinds,
 )
+from proxy.errors import Failure
 
 # Bytes of reads an upstream may send inside one response head (and its interim responses)
 # before the response is refused as invalid: httptools holds a header until it ends, so this
@@ -347,14 +348,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write_backlog(self) -> int:
         """Bytes written to the upstream that it has not read yet."""
-        transport = self.transport
-        return transport.get_write_buffer_size() if transport is not None else 0
+        return flow.write_backlog(self.transport)
 
     def write_eof(self) -> None:
         """Send our FIN after what is queued (a tunnelled half-close)."""
-        transport = self.transport
-        if transport is not None and not transport.is_closing() and transport.can_write_eof():
-            transport.write_eof()
+        flow.write_eof(self.transport)
 
     def keep_alive(self) -> bool:
         """The response that just ended lets the connection be reused."""

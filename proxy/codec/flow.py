@@ -27,6 +27,17 @@ def set_write_limits(transport: asyncio.Transport) -> None:
     transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
 
+def write_backlog(transport: asyncio.Transport | None) -> int:
+    """Bytes written to `transport` that its peer has not read yet (0 once it is gone)."""
+    return transport.get_write_buffer_size() if transport is not None else 0
+
+
+def write_eof(transport: asyncio.Transport | None) -> None:
+    """Send our FIN after what is queued (a tunnelled half-close), where the transport can."""
+    if transport is not None and not transport.is_closing() and transport.can_write_eof():
+        transport.write_eof()
+
+
 _LINGER_OFF = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
