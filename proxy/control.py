@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from proxy.config.loader import ConfigError, config_digest, parse_config
-from proxy.config.model import Config, ServiceConfig
+from proxy.config.model import Config
+from proxy.config.service import ServiceConfig
 from proxy.events import Event, EventLog
 from proxy.fleet.backend import STORE_UNAVAILABLE, StateBackend
 from proxy.history import History

@@ -48,7 +48,9 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from proxy.config.model import Config, HealthCheckConfig, parse_endpoint
+from proxy.config.model import Config
+from proxy.config.scalars import parse_endpoint
+from proxy.config.service import HealthCheckConfig
 from proxy.routing.table import Endpoint
 
 __all__ = [

@@ -25,7 +25,8 @@ import signal
 from typing import TYPE_CHECKING
 
 from proxy.admin.server import AdminServer, start_admin
-from proxy.config.model import Config, parse_endpoint
+from proxy.config.model import Config
+from proxy.config.scalars import parse_endpoint
 from proxy.control import ControlPlane
 from proxy.health import HealthChecker, targets_from_config
 from proxy.history import HISTORY_STEP

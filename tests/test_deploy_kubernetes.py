@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from proxy.config.loader import parse_config
-from proxy.config.model import Config, parse_endpoint
+from proxy.config.model import Config
+from proxy.config.scalars import parse_endpoint
 from tests.helpers import laneswitch_command
 from tests.test_deploy_docker import exec_form, instructions
 

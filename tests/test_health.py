@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from proxy.config.loader import parse_config
-from proxy.config.model import HealthCheckConfig
+from proxy.config.service import HealthCheckConfig
 from proxy.health import (
     USER_AGENT,
     EndpointKey,

@@ -13,7 +13,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 
 # Module (dotted, or a package prefix ending in ".") -> layer.
 LAYERS: dict[str, int] = {
-    "proxy.config.model": 0,
+    "proxy.config.model": 0,  # the root; its pieces below
+    "proxy.config.scalars": 0,
+    "proxy.config.base": 0,
+    "proxy.config.blocks": 0,
+    "proxy.config.rollout": 0,
+    "proxy.config.service": 0,
     "proxy.errors": 0,
     "proxy.latency_buckets": 0,
     "proxy.codec.wire": 0,

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from proxy.config.loader import parse_config
-from proxy.config.model import CanaryRollout, RolloutMetrics, ServiceConfig
+from proxy.config.rollout import CanaryRollout, RolloutMetrics
+from proxy.config.service import ServiceConfig
 from proxy.metrics import StatsSnapshot, VersionStats
 from proxy.rollout import controller
 from proxy.rollout.analysis import Measured, analyse

@@ -23,7 +23,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy.admin.console import CONSOLE_PATHS
-from proxy.config.model import AdminConfig, is_loopback_host
+from proxy.config.blocks import AdminConfig
+from proxy.config.scalars import is_loopback_host
 
 # Calls a load balancer or orchestrator makes without credentials, and the console's page and
 # assets (they hold no data; a browser navigation cannot send a bearer header).

@@ -20,7 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from proxy.config.model import parse_endpoint
+from proxy.config.scalars import parse_endpoint
 from proxy.control import ControlPlane
 from proxy.metrics import LATENCY_BUCKETS, UPSTREAM_ERROR_KINDS, VersionStats
 from proxy.rollout.controller import PHASES, roles

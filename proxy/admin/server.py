@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.admin.app import create_admin_app
-from proxy.config.model import parse_endpoint
+from proxy.config.scalars import parse_endpoint
 from proxy.control import ControlPlane
 from proxy.workers.supervisor import WorkerPool
 

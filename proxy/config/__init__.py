@@ -1,7 +1,8 @@
-"""The config file: models (`model`) and loading, errors, schema and summary (`loader`)."""
+"""The config file: its models (the root in `model`) and its loading, errors, schema (`loader`)."""
 
 from __future__ import annotations
 
+from proxy.config.blocks import AdminConfig, Limits, Timeouts
 from proxy.config.loader import (
     ConfigError,
     config_digest,
@@ -12,30 +13,26 @@ from proxy.config.loader import (
     parse_config,
     summarize,
 )
-from proxy.config.model import (
-    AdminConfig,
+from proxy.config.model import Config
+from proxy.config.rollout import (
     BlueGreenRollout,
     CanaryRollout,
-    Config,
-    ForceConfig,
-    HealthCheckConfig,
     LatencyCheck,
-    Limits,
-    MatchConfig,
     PreSwitchCheck,
     RelativeSuccessRateCheck,
     RolloutConfig,
     RolloutMetrics,
+    SuccessRateCheck,
+    Webhook,
+)
+from proxy.config.scalars import is_loopback_host, parse_duration, parse_endpoint, parse_size
+from proxy.config.service import (
+    ForceConfig,
+    HealthCheckConfig,
+    MatchConfig,
     ServiceConfig,
     StickyConfig,
-    SuccessRateCheck,
-    Timeouts,
     VersionConfig,
-    Webhook,
-    is_loopback_host,
-    parse_duration,
-    parse_endpoint,
-    parse_size,
 )
 
 __all__ = [

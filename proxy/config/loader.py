@@ -19,13 +19,10 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import ValidationError
 
-from proxy.config.model import (
-    BlueGreenRollout,
-    CanaryRollout,
-    Config,
-    RolloutMetrics,
-    ServiceConfig,
-)
+from proxy.config.base import Loc
+from proxy.config.model import Config
+from proxy.config.rollout import BlueGreenRollout, CanaryRollout, RolloutMetrics
+from proxy.config.service import ServiceConfig
 
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
@@ -41,8 +38,6 @@ __all__ = [
     "read_config_text",
     "summarize",
 ]
-
-Loc = tuple[str | int, ...]
 
 
 class ConfigError(Exception):

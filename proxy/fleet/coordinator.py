@@ -34,7 +34,7 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from proxy.config.model import FleetConfig
+from proxy.config.blocks import FleetConfig
 from proxy.control import ControlError, ControlPlane
 from proxy.fleet import counts
 from proxy.fleet.backend import STORE_UNAVAILABLE, StateBackend

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from proxy.config.model import RolloutMetrics
+from proxy.config.rollout import RolloutMetrics
 from proxy.latency_buckets import bucket_bound_index
 from proxy.metrics import StatsSnapshot, quantile, success_rate
 

@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from proxy.config.model import BlueGreenRollout, CanaryRollout, ServiceConfig
+from proxy.config.rollout import BlueGreenRollout, CanaryRollout
+from proxy.config.service import ServiceConfig
 from proxy.rollout.analysis import Analysis, thresholds_of
 
 Rollout = CanaryRollout | BlueGreenRollout

@@ -20,7 +20,9 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from proxy.config.model import BlueGreenRollout, CanaryRollout, Config, ServiceConfig
+from proxy.config.model import Config
+from proxy.config.rollout import BlueGreenRollout, CanaryRollout
+from proxy.config.service import ServiceConfig
 from proxy.metrics import StatsSnapshot
 from proxy.rollout import controller
 from proxy.rollout.analysis import Measured, analyse, thresholds_of

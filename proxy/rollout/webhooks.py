@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.config.model import PreSwitchCheck, Webhook
+from proxy.config.rollout import PreSwitchCheck, Webhook
 from proxy.rollout.controller import CheckResult
 
 # Pause between two attempts of a webhook: long enough not to hammer a hook that is restarting.

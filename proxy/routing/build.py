@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from proxy.config.model import (
-    BlueGreenRollout,
-    CanaryRollout,
-    Config,
-    ServiceConfig,
-    parse_endpoint,
-)
+from proxy.config.model import Config
+from proxy.config.rollout import BlueGreenRollout, CanaryRollout
+from proxy.config.scalars import parse_endpoint
+from proxy.config.service import ServiceConfig
 from proxy.routing.splitter import smooth_weighted_schedule, sticky_ranges
 from proxy.routing.table import Endpoint, RouteTable, ServiceRoute, Settings, VersionRoute
 
