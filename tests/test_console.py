@@ -3,7 +3,7 @@ process with real upstreams and traffic flowing through it.
 
 Debian's `chromium` is driven with Playwright's Python API pointed at the system browser
 (`executable_path`): nothing is downloaded. Screenshots go to pytest's tmp_path;
-`LANESWITCH_UPDATE_SCREENSHOT=1` also writes the README's `docs/console.png`.
+`LANESWITCH_UPDATE_SCREENSHOT=1` also writes `docs/console.png`, the picture in docs/console.md.
 """
 
 from __future__ import annotations
@@ -375,7 +375,7 @@ async def test_actions_start_rollback_switch_and_a_refusal_shown_verbatim(tmp_pa
         await expect(page.version_row("green")).to_be_visible()
 
         if update:
-            # The README's picture: a minute of history on the charts before the run.
+            # docs/console.md's picture: a minute of history on the charts before the run.
             async with asyncio.timeout(120):
                 while await page.points("rps", "blue") < 30:
                     await asyncio.sleep(0.5)

@@ -339,11 +339,11 @@ def test_the_ingress_and_the_sidecars_each_form_a_fleet_on_the_example_redis() -
     assert any(m["mountPath"] == "/data" for m in redis_container["volumeMounts"])
     comment = (KUBE / "redis" / "redis.yaml").read_text()
     assert "managed Redis or one behind Sentinel" in comment
-    readme = (ROOT / "README.md").read_text()
-    assert "kubectl apply -f deploy/kubernetes/redis/" in readme
+    deploying = (ROOT / "docs" / "deploying.md").read_text()
+    assert "kubectl apply -f deploy/kubernetes/redis/" in deploying
 
 
-def test_readme_names_the_secret_the_manifests_use() -> None:
+def test_the_deploying_doc_names_the_secret_the_manifests_use() -> None:
     refs = {
         e["valueFrom"]["secretKeyRef"]["name"]
         for _, doc in all_documents()
@@ -352,6 +352,6 @@ def test_readme_names_the_secret_the_manifests_use() -> None:
         for e in c.get("env", [])
         if "secretKeyRef" in e.get("valueFrom", {})
     }
-    readme = (ROOT / "README.md").read_text()
+    deploying = (ROOT / "docs" / "deploying.md").read_text()
     for name in refs:
-        assert f"kubectl create secret generic {shlex.quote(name)}" in readme
+        assert f"kubectl create secret generic {shlex.quote(name)}" in deploying

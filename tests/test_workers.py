@@ -418,7 +418,7 @@ async def test_a_killed_worker_comes_back_and_only_its_in_flight_requests_fail(
                 mark = len(proxy.lines)
                 # Clients of the killed worker reconnect once the parent has seen it die: by
                 # then its listening socket is closed. A connection the kernel queues on the
-                # listener of a dying process is lost with it (see the README's "Workers").
+                # listener of a dying process is lost with it (see docs/workers.md).
                 load.reconnect.clear()
                 os.kill(pids[victim], signal.SIGKILL)
                 await proxy.line(

@@ -41,7 +41,7 @@ def endpoint_key(text: str) -> str:
 
 
 class LaneswitchCollector(Collector):
-    """Every `laneswitch_*` family (the README's metrics table), read from `control`."""
+    """Every `laneswitch_*` family (docs/metrics.md's metrics table), read from `control`."""
 
     def __init__(self, control: ControlPlane, workers: WorkerPool | None = None) -> None:
         self.control = control

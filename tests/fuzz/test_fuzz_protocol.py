@@ -16,7 +16,7 @@ HERE = Path(__file__).parent
 CORPUS = HERE / "corpus"
 ROOT = HERE.parent.parent
 
-# How long the atheris run lasts (CI: 60 s); the README says how to run it longer.
+# How long the atheris run lasts (CI: 60 s); docs/testing.md says how to run it longer.
 FUZZ_SECONDS = int(os.environ.get("LANESWITCH_FUZZ_SECONDS", "60"))
 
 
