@@ -28,7 +28,7 @@ from proxy.config.service import ServiceConfig
 class Config(ConfigModel):
     """A whole laneswitch config file, validated.
 
-    `laneswitch schema` and the README's configuration reference describe each key.
+    `laneswitch schema` and docs/configuration.md describe each key.
     """
 
     listen: ListenList = ["127.0.0.1:8080"]
