@@ -1,6 +1,6 @@
 """The docs hold together: README.md is the front page (short, the two set-up commands, a link to
-every doc in docs/), every relative link in README.md and docs/ reaches a file and a heading, and
-no paragraph is written both on the front page and in a doc."""
+every doc in docs/), every relative link in README.md, docs/ and loadtests/README.md reaches a
+file and a heading, and no paragraph is written both on the front page and in a doc."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
+LOADTESTS = ROOT / "loadtests" / "README.md"
 
 README_MAX_LINES = 200
 TRY_IT = "python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/laneswitch demo"
@@ -77,16 +78,16 @@ def test_the_readme_links_every_doc() -> None:
 
 def test_every_relative_link_reaches_a_file_and_a_heading() -> None:
     broken = []
-    for page in [README, *DOCS]:
+    for page in [README, *DOCS, LOADTESTS]:
         for target in links(page):
             if target.startswith(("http://", "https://", "mailto:")):
                 continue
             path, _, anchor = target.partition("#")
             file = (page.parent / path).resolve() if path else page
             if not file.exists():
-                broken.append(f"{page.name}: {target} (no such file)")
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
             elif anchor and file.suffix == ".md" and anchor not in anchors(file):
-                broken.append(f"{page.name}: {target} (no such heading)")
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
 
 
