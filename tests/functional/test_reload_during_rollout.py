@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from tests.test_admin import admin_proxy
-from tests.test_rollout import (
+from tests.e2e.test_rollout import (
     INTERVAL,
     canary_config,
     events,
@@ -21,6 +20,7 @@ from tests.test_rollout import (
     steady_load,
     two_upstreams,
 )
+from tests.functional.test_admin import admin_proxy
 
 
 async def test_file_weights_edited_during_a_run_apply_and_pause_it(tmp_path: Path) -> None:

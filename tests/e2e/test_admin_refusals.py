@@ -10,8 +10,8 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.functional.test_admin import admin_proxy, blue_green, config_text, send, until
 from tests.helpers import raw_upstream, read_request_head, start_laneswitch, wait_for_line
-from tests.test_admin import admin_proxy, blue_green, config_text, send, until
 
 
 async def test_changes_during_the_drain_at_shutdown_are_refused(tmp_path: Path) -> None:

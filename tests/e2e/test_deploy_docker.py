@@ -45,9 +45,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Client, RecordingUpstream, get
+from tests.helpers import ROOT, Client, RecordingUpstream, get
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 TOKEN = "docker-test-token"
 

@@ -6,7 +6,7 @@ service name, `$__rate_interval` by a duration), then every expression is parsed
 own parser: `promtool` has no "parse this expression" command, so the expressions become the
 `expr` of recording rules in a generated rules file, which `promtool check rules` parses (it
 rejects the file on the first expression that does not parse, naming it). The integration test in
-tests/test_prometheus.py also runs every query against a live Prometheus.
+tests/e2e/test_prometheus.py also runs every query against a live Prometheus.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.helpers import RecordingUpstream, running_proxy, two_version_config
+from tests.helpers import ROOT, RecordingUpstream, running_proxy, two_version_config
 
-ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "laneswitch.json"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 

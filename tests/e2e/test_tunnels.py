@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.e2e.test_workers import Proxy, laneswitch
 from tests.helpers import (
     Client,
     RunningProxy,
@@ -28,7 +29,6 @@ from tests.helpers import (
     two_version_config,
     until,
 )
-from tests.test_workers import Proxy, laneswitch
 
 UPGRADE = b"GET /tunnel HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: x-raw\r\n\r\n"
 SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x-raw\r\n\r\n"

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from tests.helpers import (
+    ROOT,
     Client,
     RecordingUpstream,
     get,
@@ -19,8 +20,6 @@ from tests.helpers import (
     raw_upstream,
     run_cli,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 async def test_check_accepts_the_default_config() -> None:

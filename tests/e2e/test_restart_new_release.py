@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.test_rollback_always import hook_entry, stalled_hook
+from tests.e2e.test_rollout import INTERVAL, canary_config, two_upstreams
 from tests.helpers import Client, RecordingUpstream, admin_call, get, start_laneswitch
-from tests.test_rollback_always import hook_entry, stalled_hook
-from tests.test_rollout import INTERVAL, canary_config, two_upstreams
 
 
 async def rollout_of(admin_url: str) -> dict[str, Any]:

@@ -21,10 +21,9 @@ from pathlib import Path
 import pytest
 
 from proxy.routing.splitter import stable_hash
-from tests.helpers import RecordingUpstream, ok_response
-from tests.test_prometheus import laneswitch
+from tests.e2e.test_prometheus import laneswitch
+from tests.helpers import ROOT, RecordingUpstream, ok_response
 
-ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 USERS = 20
 

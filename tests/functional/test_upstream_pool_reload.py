@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from tests.functional.test_admin import admin_proxy, config_text, until
 from tests.helpers import Client, RecordingUpstream, get, raw_upstream, read_request_head
-from tests.test_admin import admin_proxy, config_text, until
 
 
 async def test_a_removed_endpoint_loses_its_idle_connections_and_its_pool(tmp_path: Path) -> None:

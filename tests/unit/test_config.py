@@ -27,8 +27,9 @@ from proxy.config import (
     parse_size,
     summarize,
 )
+from tests.helpers import ROOT
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+CONFIG_DIR = ROOT / "config"
 
 # The smallest useful config, as data; tests deep-copy and change it.
 MINIMAL: dict[str, Any] = {

@@ -11,9 +11,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from proxy.admin.console import ASSETS, CONSOLE_PATHS
+from tests.functional.test_admin import TOKEN, admin_proxy, blue_green, config_text
+from tests.functional.test_admin_browser_safety import raw_call
 from tests.helpers import ROOT
-from tests.test_admin import TOKEN, admin_proxy, blue_green, config_text
-from tests.test_admin_browser_safety import raw_call
 
 STATIC = ROOT / "proxy" / "admin" / "static"
 

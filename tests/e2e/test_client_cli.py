@@ -10,8 +10,7 @@ import re
 import signal
 from pathlib import Path
 
-from tests.helpers import RecordingUpstream, laneswitch_command
-from tests.test_admin import (
+from tests.functional.test_admin import (
     HEALTH,
     TOKEN,
     AdminProxy,
@@ -21,8 +20,7 @@ from tests.test_admin import (
     free_port,
     send,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, RecordingUpstream, laneswitch_command
 
 
 def client_env(**overrides: str) -> dict[str, str]:

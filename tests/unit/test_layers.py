@@ -9,7 +9,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
+from tests.helpers import ROOT
+
+PACKAGE = ROOT / "proxy"
 
 # Module (dotted, or a package prefix ending in ".") -> layer.
 LAYERS: dict[str, int] = {

@@ -31,10 +31,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import Client, RecordingUpstream, get, laneswitch_command
-from tests.test_deploy_grafana import METRIC_NAME, dashboard_queries
+from tests.e2e.test_deploy_grafana import METRIC_NAME, dashboard_queries
+from tests.helpers import ROOT, Client, RecordingUpstream, get, laneswitch_command
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 TOKEN = "prometheus-test-token"
 

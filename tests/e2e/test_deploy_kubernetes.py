@@ -26,10 +26,9 @@ import yaml
 from proxy.config.loader import parse_config
 from proxy.config.model import Config
 from proxy.config.scalars import parse_endpoint
-from tests.helpers import laneswitch_command
-from tests.test_deploy_docker import exec_form, instructions
+from tests.e2e.test_deploy_docker import exec_form, instructions
+from tests.helpers import ROOT, laneswitch_command
 
-ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
 # The Kubernetes versions the manifests are written for: the oldest still common and the newest
 # whose schemas the validator bundles.

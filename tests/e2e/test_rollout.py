@@ -21,8 +21,8 @@ from aiohttp import web
 
 from proxy.events import Event
 from proxy.server import Server
+from tests.functional.test_admin import AdminProxy, admin_proxy, value
 from tests.helpers import Client, ReceivedRequest, RecordingUpstream, get, ok_response
-from tests.test_admin import AdminProxy, admin_proxy, value
 
 INTERVAL = 0.5
 
@@ -595,7 +595,7 @@ async def test_rollout_calls_answer_409_when_the_phase_does_not_allow_them(
 
 
 async def test_a_service_without_a_rollout_block_has_no_rollout_calls(tmp_path: Path) -> None:
-    from tests.test_admin import config_text
+    from tests.functional.test_admin import config_text
 
     async with admin_proxy(tmp_path, config_text("127.0.0.1:9", "127.0.0.1:10")) as proxy:
         answer = await proxy.call("POST", "/services/shop/rollout/start")
@@ -643,7 +643,7 @@ async def test_a_reload_with_a_new_canary_revision_starts_a_rollout(tmp_path: Pa
 
 
 async def test_the_rollout_command_drives_a_rollout_that_status_shows(tmp_path: Path) -> None:
-    from tests.test_client_cli import client_env, run_cli
+    from tests.e2e.test_client_cli import client_env, run_cli
 
     async with (
         two_upstreams() as (stable, canary),

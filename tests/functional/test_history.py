@@ -9,7 +9,7 @@ from pathlib import Path
 
 from proxy.history import HISTORY_ROWS, HISTORY_SECONDS, HISTORY_STEP, History
 from proxy.metrics import StatsRegistry
-from tests.test_admin import TOKEN, admin_proxy, blue_green, config_text, send
+from tests.functional.test_admin import TOKEN, admin_proxy, blue_green, config_text, send
 
 # -- unit -----------------------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from proxy.config import summarize
-from tests.test_config import dump, errors, load, minimal
+from tests.helpers import ROOT
+from tests.unit.test_config import dump, errors, load, minimal
 
 FLEET: dict[str, Any] = {"redis": "redis://127.0.0.1:6379/0", "name": "shop-ingress"}
 
@@ -82,8 +83,7 @@ def test_a_config_without_fleet_never_imports_redis(tmp_path: Path) -> None:
         f"load_config({str(path)!r}, env={{}})\n"
         "assert 'redis' not in sys.modules, 'redis imported'\n"
     )
-    root = Path(__file__).resolve().parent.parent
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr

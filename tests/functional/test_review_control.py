@@ -17,10 +17,10 @@ from proxy.control import ControlError
 from proxy.routing.table import RouteTable
 from proxy.server import Server
 from proxy.state import load_state
+from tests.e2e.test_rollout import canary_config, phase_is, start, two_upstreams
+from tests.functional.test_admin import admin_proxy
+from tests.functional.test_control import config_text, server_from_file
 from tests.helpers import Client, RecordingUpstream, get
-from tests.test_admin import admin_proxy
-from tests.test_control import config_text, server_from_file
-from tests.test_rollout import canary_config, phase_is, start, two_upstreams
 
 
 async def waiters_on(lock: asyncio.Lock, count: int) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_start_failures import NOISE
 from tests.helpers import (
     ROOT,
     admin_call,
@@ -20,7 +21,6 @@ from tests.helpers import (
     served_by,
     wait_for_line,
 )
-from tests.test_start_failures import NOISE
 
 MEMBER_LINE = re.compile(
     r"^  (replica-\d)  pid (\d+)  proxy http://127\.0\.0\.1:(\d+)  admin http://127\.0\.0\.1:(\d+)$"

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Client, admin_call, get, start_laneswitch
-from tests.test_admin import admin_proxy
-from tests.test_rollout import (
+from tests.e2e.test_rollout import (
     INTERVAL,
     actions,
     canary_config,
@@ -29,6 +27,8 @@ from tests.test_rollout import (
     steady_load,
     two_upstreams,
 )
+from tests.functional.test_admin import admin_proxy
+from tests.helpers import Client, admin_call, get, start_laneswitch
 
 
 @dataclass

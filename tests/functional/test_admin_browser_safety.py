@@ -16,8 +16,15 @@ from typing import Any
 
 import pytest
 
+from tests.functional.test_admin import (
+    TOKEN,
+    AdminProxy,
+    admin_proxy,
+    blue_green,
+    config_text,
+    send,
+)
 from tests.helpers import Client, Response
-from tests.test_admin import TOKEN, AdminProxy, admin_proxy, blue_green, config_text, send
 
 SWITCH_BODY = b'{"to": "green"}'
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 
 from proxy.events import MAX_EVENTS, MAX_NOISE_EVENTS
+from tests.functional.test_admin import admin_proxy, blue_green, config_text
 from tests.helpers import start_laneswitch
-from tests.test_admin import admin_proxy, blue_green, config_text
 
 SIGNALS = 1000
 

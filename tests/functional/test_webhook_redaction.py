@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from proxy.rollout.webhooks import redact
+from tests.e2e.test_rollout import canary_config, phase_is, start, steady_load, two_upstreams
+from tests.functional.test_admin import admin_proxy, until
 from tests.helpers import raw_upstream, read_request_head
-from tests.test_admin import admin_proxy, until
-from tests.test_rollout import canary_config, phase_is, start, steady_load, two_upstreams
 
 SECRET = "s3cr3t-hook-t0ken"
 BODY_SECRET = "internal-db-password-hunter2"
