@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from proxy.control import ControlPlane
-from tests.test_admin import admin_proxy
-from tests.test_rollout import canary_config, two_upstreams
+from tests.e2e.test_rollout import canary_config, two_upstreams
+from tests.functional.test_admin import admin_proxy
 
 
 class WatchedLock(asyncio.Lock):

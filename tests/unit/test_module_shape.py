@@ -10,7 +10,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
+from tests.helpers import ROOT
+
+PACKAGE = ROOT / "proxy"
 
 MAX_LINES = 500
 
