@@ -19,8 +19,8 @@ from proxy.codec.flow import (
     PEER_WRITE_BLOCKED,
 )
 from proxy.errors import Failure
+from proxy.http.upstream_head import plain_upstream_head, upstream_head
 from proxy.metrics import VersionStats
-from proxy.routing.splitter import choose_version, pick_weighted
 from proxy.routing.table import Endpoint, ServiceRoute, VersionRoute
 from proxy.upstream.pool import UpstreamPool
 
@@ -43,43 +43,7 @@ _NO_BODY_STATUS = frozenset({204, 304})
 # processed the request before it died, and a proxy must not replay any other (RFC 9112 §9.3.1.1).
 _IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
-# The headers the proxy adds to every request it forwards, filled in one formatting:
-# X-Forwarded-For, -Proto, -Host, X-Real-IP, Forwarded, Via, X-Request-Id.
-_FORWARDED = (
-    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Real-IP: %s\r\nForwarded: %s\r\n"
-    b"Via: %s\r\nX-Request-Id: %s\r\n"
-)
-_FORWARDED_WITH_HOST = (
-    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
-    b"X-Real-IP: %s\r\nForwarded: %s\r\nVia: %s\r\nX-Request-Id: %s\r\n"
-)
-# The same for the plain path, where the client sent none of them: the peer stands for the
-# client everywhere (`wire.forwarded_element` spelled out), and the blank line that ends the head
-# follows a new request id (`RequestIds.next` spelled out: prefix and counter). All but the id
-# are the same for every request of a keep-alive connection: the connection keeps them made
-# (`plain_forwarded`), and a request formats only its id.
-_PLAIN_FORWARDED = (
-    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Real-IP: %s\r\n"
-    b"Forwarded: for=%s;proto=http\r\nVia: %s\r\n"
-)
-_PLAIN_FORWARDED_WITH_HOST = (
-    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
-    b'X-Real-IP: %s\r\nForwarded: for=%s;host="%s";proto=http\r\nVia: %s\r\n'
-)
-_NEW_REQUEST_ID = b"X-Request-Id: %s-%x\r\n\r\n"
-
-# The proxy's Via entry (RFC 9110 §7.6.3): the protocol the message was received with, and the
-# proxy's pseudonym. Responses reach the client as HTTP/1.1 (see `_response_tail`).
-VIA_11 = b"1.1 laneswitch"
-VIA_10 = b"1.0 laneswitch"
 _VIA_LINE = b"Via: 1.1 laneswitch\r\n"
-
-
-def plain_forwarded(peer: bytes, node: bytes, host: bytes | None, via: bytes) -> bytes:
-    """The forwarding headers of a plain request (see `_PLAIN_FORWARDED`), but its id."""
-    if host is None:
-        return _PLAIN_FORWARDED % (peer, peer, node, via)
-    return _PLAIN_FORWARDED_WITH_HOST % (peer, host, peer, node, host, via)
 
 
 class Exchange:
@@ -242,13 +206,14 @@ class Exchange:
             return
         self.route = route
         if self.special:
-            self.request_head = self._build_upstream_head(
-                route, proto.peer, table.settings.trusted_hops
+            version, self.request_head = upstream_head(
+                self, route, proto.forwarding, table.settings.trusted_hops, plane.request_ids
             )
         else:
-            self.request_head = self._build_plain_upstream_head(route, proto.peer)
-        version = self.version
-        assert version is not None
+            version, self.request_head = plain_upstream_head(
+                self, route, proto.forwarding, plane.request_ids
+            )
+        self.version = version
         stats = plane.stats.get(route.name, version.name)
         self.stats = stats
         stats.in_flight += 1
@@ -258,110 +223,6 @@ class Exchange:
             proto.answer(self, Failure.NO_HEALTHY_ENDPOINT)
             return
         self._dispatch(endpoint)
-
-    def _build_plain_upstream_head(self, route: ServiceRoute, peer: bytes) -> bytes:
-        """`_build_upstream_head` for the usual request, with no header the proxy acts on but
-        Host: no control header or cookie (a weighted pick), no X-Forwarded-For or X-Request-Id
-        to carry over, no Connection header, no body framing or upgrade to restate."""
-        self.version = pick_weighted(route)
-        proto = self.proto
-        host = self.host
-        http_10 = self.http_10
-        forwarded = proto.plain_forwarded
-        if not forwarded or host != proto.plain_forwarded_host or http_10 != proto.plain_http_10:
-            forwarded = proto.plain_forwarded = plain_forwarded(
-                peer, proto.peer_node, host, VIA_10 if http_10 else VIA_11
-            )
-            proto.plain_forwarded_host = host
-            proto.plain_http_10 = http_10
-        ids = proto.plane.request_ids
-        ids.count += 1
-        return b"".join(
-            (
-                self.method,
-                b" ",
-                self.url,
-                b" HTTP/1.1\r\n",
-                self.host_line,
-                *self.lines,
-                forwarded,
-                _NEW_REQUEST_ID % (ids.prefix, ids.count),
-            )
-        )
-
-    def _build_upstream_head(self, route: ServiceRoute, peer: bytes, trusted_hops: int) -> bytes:
-        """Pick the version and write the request head the upstream gets."""
-        force_value: bytes | None = None
-        sticky_value: bytes | None = None
-        cookies: list[bytes] = []
-        xff: list[bytes] = []
-        client_forwarded: list[bytes] = []
-        vias: list[bytes] = []
-        request_id: bytes | None = None
-        upgrade: bytes | None = None
-        lines = self.lines
-        if self.named_by_connection:
-            lines = wire.drop_named(lines, self.named_by_connection)
-        # The head in pieces, joined once: request line, Host, the client's headers forwarded
-        # verbatim, those the proxy handles, then its own.
-        parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n", self.host_line]
-        parts += lines
-        for kind, lname, name, value in self.special:
-            if kind == wire.CONTENT_LENGTH:
-                parts.append(name + b": " + value + b"\r\n")
-            elif kind == wire.COOKIE:
-                cookies.append(value)
-            elif kind == wire.FORWARDED_FOR:
-                xff.append(value)
-            elif kind == wire.FORWARDED:
-                client_forwarded.append(value)
-            elif kind == wire.VIA:
-                if value:
-                    vias.append(value)
-            elif kind == wire.REQUEST_ID:
-                if value:
-                    request_id = value
-            elif kind == wire.CONTROL:
-                if lname == route.force_header:
-                    force_value = value  # a control header never reaches the upstream
-                    continue
-                if lname == route.sticky_header:
-                    sticky_value = value
-                parts.append(name + b": " + value + b"\r\n")
-            elif kind == wire.UPGRADE:
-                upgrade = value
-        force_cookie_value: bytes | None = None
-        if cookies:
-            force_cookie = route.force_cookie
-            if force_cookie is not None:
-                force_cookie_value = wire.cookie_value(cookies, force_cookie)
-                cookies = [wire.remove_cookie(c, force_cookie) for c in cookies]
-            if route.sticky_cookie is not None and sticky_value is None:
-                sticky_value = wire.cookie_value(cookies, route.sticky_cookie)
-            parts.extend(b"Cookie: " + c + b"\r\n" for c in cookies if c)
-        if force_value is None and force_cookie_value is None and not sticky_value:
-            self.version = pick_weighted(route)
-        else:
-            self.version = choose_version(route, force_value, force_cookie_value, sticky_value)
-        if request_id is None:
-            request_id = self.proto.plane.request_ids.next()
-        client = wire.forwarded_for(xff, peer, trusted_hops) if xff else peer
-        real_ip = wire.real_ip(xff, peer, trusted_hops) if xff else peer
-        host = self.host
-        rebuilt = wire.forwarded(client_forwarded, self.proto.peer_node, host, trusted_hops)
-        vias.append(VIA_10 if self.http_10 else VIA_11)
-        via = b", ".join(vias)
-        if host is not None:
-            forwarded = _FORWARDED_WITH_HOST % (client, host, real_ip, rebuilt, via, request_id)
-        else:
-            forwarded = _FORWARDED % (client, real_ip, rebuilt, via, request_id)
-        if self.chunked_in:
-            forwarded += b"Transfer-Encoding: chunked\r\n"
-        if self.upgrade and upgrade is not None:
-            forwarded += b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n"
-        parts.append(forwarded)
-        parts.append(b"\r\n")
-        return b"".join(parts)
 
     def _dispatch(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint

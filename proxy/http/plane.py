@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 from proxy.codec import wire
 from proxy.http.protocol import DownstreamProtocol
+from proxy.http.upstream_head import RequestIds
 from proxy.metrics import StatsRegistry
 from proxy.routing.table import RouteTable
 from proxy.upstream.pool import UpstreamPools
@@ -26,21 +26,6 @@ log = logging.getLogger(__name__)
 TICKS_PER_TIMEOUT = 4
 MIN_TICK = 0.05
 MAX_TICK = 1.0
-
-
-class RequestIds:
-    """X-Request-Id values: a random per-process prefix and a counter, unique and cheap."""
-
-    __slots__ = ("count", "prefix")
-
-    def __init__(self) -> None:
-        self.prefix = os.urandom(8).hex().encode()
-        self.count = 0
-
-    def next(self) -> bytes:
-        # Spelled out in Exchange._build_plain_upstream_head: keep the two the same.
-        self.count += 1
-        return b"%s-%x" % (self.prefix, self.count)
 
 
 def version_headers(table: RouteTable) -> set[bytes]:

@@ -29,6 +29,7 @@ from proxy.codec.flow import (
 from proxy.errors import Failure
 from proxy.http.exchange import NEVER, Exchange
 from proxy.http.tunnel import Tunnel
+from proxy.http.upstream_head import ForwardingCache
 
 if TYPE_CHECKING:
     from proxy.http.plane import DataPlane
@@ -78,6 +79,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "closing",
         "deadline",
         "early_bytes",
+        "forwarding",
         "gate",
         "head_bytes",
         "head_fed",
@@ -87,12 +89,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "linger_timer",
         "parser",
         "parsing",
-        "peer",
-        "peer_node",
         "pipeline",
-        "plain_forwarded",
-        "plain_forwarded_host",
-        "plain_http_10",
         "plane",
         "settings",
         "timer_kind",
@@ -107,13 +104,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.gate: ReadGate | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.peer = b""
-        self.peer_node = b""  # the peer as an RFC 7239 node, for Forwarded
-        # The forwarding headers of this connection's last plain request, and the Host and
-        # protocol version they were made for (see `exchange.plain_forwarded`).
-        self.plain_forwarded = b""
-        self.plain_forwarded_host: bytes | None = None
-        self.plain_http_10 = False
+        # The peer's address for the forwarding headers, and those of its last plain request
+        # (set by connection_made, before any request).
+        self.forwarding: ForwardingCache
         # One deadline per connection (request head, or keep-alive idle), checked by the
         # plane's ticker.
         self.deadline = NEVER
@@ -145,8 +138,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.gate = ReadGate(transport)
         set_write_limits(transport)
         peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]).encode() if peer else b""
-        self.peer_node = wire.forwarded_node(self.peer)
+        self.forwarding = ForwardingCache(str(peer[0]).encode() if peer else b"")
         plane = self.plane
         if plane.draining or len(plane.connections) >= self.settings.max_connections:
             failure = Failure.SHUTTING_DOWN if plane.draining else Failure.OVERLOADED

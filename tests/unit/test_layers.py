@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "proxy.http.exchange": 3,
     "proxy.http.tunnel": 3,
     "proxy.http.plane": 3,
+    "proxy.http.upstream_head": 3,
     "proxy.events": 1,
     "proxy.jsonfields": 0,
     "proxy.watch": 1,
