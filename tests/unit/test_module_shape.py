@@ -21,7 +21,6 @@ MAX_LINES = 500
 KNOWN_OVERSIZED = [
     "proxy/control.py",
     "proxy/demo_fleet.py",
-    "proxy/fleet/coordinator.py",
     "proxy/http/exchange.py",
     "proxy/http/protocol.py",
     "proxy/rollout/controller.py",
