@@ -23,8 +23,8 @@ import httptools
 import pytest
 
 from proxy.config.loader import parse_config
-from proxy.demo_fleet import Redis as RedisServer
-from proxy.demo_fleet import free_port
+from proxy.demo_fleet_processes import Redis as RedisServer
+from proxy.demo_fleet_processes import free_port
 from proxy.http.plane import DataPlane
 from proxy.http.protocol import DownstreamProtocol
 from proxy.routing.build import build_table

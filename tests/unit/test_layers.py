@@ -61,6 +61,8 @@ LAYERS: dict[str, int] = {
     "proxy.cli": 5,
     "proxy.demo": 5,
     "proxy.demo_fleet": 5,
+    "proxy.demo_fleet_processes": 5,
+    "proxy.demo_fleet_tour": 5,
     "proxy.runtime": 5,
     "proxy.__main__": 5,
     "proxy": 0,  # proxy/__init__.py holds only the version
