@@ -1,6 +1,7 @@
 """The docs hold together: README.md is the front page (short, the two set-up commands, a link to
-every doc in docs/), every relative link in README.md, docs/ and loadtests/README.md reaches a
-file and a heading, and no paragraph is written both on the front page and in a doc."""
+every doc in docs/); every relative link in README.md, docs/ and loadtests/README.md reaches a
+file and a heading; every repository path the docs name in code exists; and nothing is written
+twice."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ RUN_THE_TESTS = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' 
 FENCE = re.compile(r"^```.*?^```[ \t]*$", re.MULTILINE | re.DOTALL)
 CODE_SPAN = re.compile(r"`[^`]*`")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+# A path into the repository, as the docs name files in code spans (`tests/unit/test_docs.py`).
+REPO_PATH = re.compile(r"^(?:proxy|tests|loadtests|deploy|config|scripts|docs)/[\w./-]*$")
 HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.MULTILINE)
 
 
@@ -133,3 +136,30 @@ def test_nothing_is_written_twice() -> None:
             where.setdefault(block, []).append(page.name)
     copies = {block[:60]: pages for block, pages in where.items() if len(pages) > 1}
     assert not copies, copies
+
+
+def named_paths(path: Path) -> list[str]:
+    """Repository paths in the page's code spans and code blocks (globs and placeholders out)."""
+    text = path.read_text()
+    code = " ".join([*FENCE.findall(text), *CODE_SPAN.findall(FENCE.sub("", text))])
+    words = (word.strip("`'\",;:()[]") for word in code.split())
+    return [word for word in words if REPO_PATH.match(word)]
+
+
+def test_every_path_the_docs_name_exists() -> None:
+    missing = [
+        f"{page.relative_to(ROOT)}: {name}"
+        for page in [README, *DOCS]
+        for name in named_paths(page)
+        if not (ROOT / name).exists()
+    ]
+    assert not missing, "\n".join(missing)
+
+
+def test_the_path_check_reads_spans_and_blocks(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "See `tests/unit/test_docs.py` and `python loadtests/bench.py --only nginx`, not proxy/x.\n"
+        "\n```sh\nscripts/check\n```\nGlobs are left out: `tests/e2e/test_fleet_*.py`.\n"
+    )
+    assert named_paths(page) == ["scripts/check", "tests/unit/test_docs.py", "loadtests/bench.py"]
