@@ -410,6 +410,11 @@ services:
 """
 
 
+def only_blue(endpoint: str, extra_top: str = "") -> str:
+    """All traffic to one upstream (green shares the endpoint but gets weight 0)."""
+    return two_version_config(endpoint, endpoint, 100, 0, extra_top=extra_top)
+
+
 @contextlib.asynccontextmanager
 async def running_proxy(config_text: str) -> AsyncIterator[RunningProxy]:
     server = Server(parse_config(config_text, env={}))

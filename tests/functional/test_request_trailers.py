@@ -3,17 +3,22 @@ upstream and are never merged into a request head, where they could route or rew
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 
 from tests.helpers import (
     RecordingUpstream,
     fed_connection,
     get,
+    only_blue,
     refused_endpoint,
     running_proxy,
     two_version_config,
 )
 
+KiB = 1024
 FORCE = "    force: {header: X-Canary}"
 
 CHUNKED_WITH_TRAILERS = (
@@ -58,3 +63,37 @@ async def test_unit_trailers_of_a_queued_request_leave_its_head_as_parsed() -> N
         assert (queued.hosts, queued.host) == (1, b"app.test")
         assert [name for _, name, _, _ in queued.special] == [b"transfer-encoding"]
         assert not any(b"X-Trailer" in line for line in queued.lines)
+
+
+async def test_endless_request_trailer_is_431_not_buffered() -> None:
+    """httptools holds a trailer field until it ends: a client streaming one must be stopped at
+    the header limit, as in the head, not buffered without bound."""
+    blue = await RecordingUpstream("blue").start()
+    try:
+        config = only_blue(blue.endpoint, "limits: {max_header_bytes: 8KiB}")
+        async with running_proxy(config) as proxy:
+            client = await proxy.client()
+            await client.send(
+                b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n0\r\nX-Trailer: "
+            )
+
+            async def flood() -> None:
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(256):  # 4 MiB in all, far above the limit
+                        await client.send(b"a" * 16 * KiB)
+                        await asyncio.sleep(0)
+
+            sender = asyncio.create_task(flood())
+            try:
+                response = await client.response(timeout=3)
+                assert response.status == 431
+                assert await client.closed()
+            finally:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sender
+            await client.close()
+    finally:
+        await blue.stop()
+    assert blue.requests == []  # the request never completed upstream

@@ -23,10 +23,10 @@ from tests.helpers import (
     RunningProxy,
     get,
     ok_response,
+    only_blue,
     raw_upstream,
     read_request_head,
     running_proxy,
-    two_version_config,
     until,
 )
 
@@ -41,11 +41,6 @@ linux_only = pytest.mark.skipif(
 )
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def only_blue(endpoint: str) -> str:
-    """All traffic to one upstream (green shares the endpoint but gets weight 0)."""
-    return two_version_config(endpoint, endpoint, 100, 0)
 
 
 def chunked(body: bytes, size: int) -> bytes:

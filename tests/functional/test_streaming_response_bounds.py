@@ -17,10 +17,10 @@ import pytest
 from tests.helpers import (
     RunningProxy,
     get,
+    only_blue,
     raw_upstream,
     read_request_head,
     running_proxy,
-    two_version_config,
     until,
 )
 
@@ -29,10 +29,6 @@ HEADS = {
     "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n",
     "close-delimited": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",
 }
-
-
-def only_blue(endpoint: str, extra_top: str) -> str:
-    return two_version_config(endpoint, endpoint, 100, 0, extra_top=extra_top)
 
 
 class Stalling:

@@ -14,18 +14,15 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.helpers import (
+    RecordingUpstream,
     get,
+    only_blue,
     raw_upstream,
     read_request_head,
     reset_on_close,
     running_proxy,
-    two_version_config,
     until,
 )
-
-
-def only_blue(endpoint: str, extra_top: str = "") -> str:
-    return two_version_config(endpoint, endpoint, 100, 0, extra_top=extra_top)
 
 
 def path_of(head: bytes) -> bytes:
@@ -215,6 +212,27 @@ async def test_an_exact_response_keeps_its_connection() -> None:
         assert stats.requests == {200: 10, 204: 2}
         assert connections == 1
         await client.close()
+
+
+async def test_response_connection_naming_content_length_keeps_the_framing() -> None:
+    """`Connection: content-length` from an upstream must not leave the client a response
+    without framing on a kept-alive connection (the next answer would be read as body)."""
+    blue = await RecordingUpstream(
+        "blue",
+        responder=lambda request: (
+            b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello"
+        ),
+    ).start()
+    try:
+        async with running_proxy(only_blue(blue.endpoint)) as proxy:
+            client = await proxy.client()
+            for _ in range(2):
+                await client.send(get())
+                response = await client.response(timeout=2)
+                assert (response.status, response.body, response.complete) == (200, b"hello", True)
+            await client.close()
+    finally:
+        await blue.stop()
 
 
 # -- the end of a close-delimited body ---------------------------------------------------------
