@@ -1,4 +1,4 @@
-"""Review of the control side: races between admin calls, reloads, rollout ticks and the stop;
+"""The control plane under races: admin calls, reloads, rollout ticks and the stop in between;
 state-file writes that must not be lost or land out of order; restore after the config moved."""
 
 from __future__ import annotations
