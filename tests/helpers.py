@@ -223,6 +223,23 @@ def count_upstream_reads(monkeypatch: pytest.MonkeyPatch) -> ReadCounter:
     return counter
 
 
+async def read_until_closed(
+    reader: asyncio.StreamReader, timeout: float = 5.0
+) -> tuple[bytes, bool]:
+    """Everything the proxy sends until it ends the connection, and whether that was a reset
+    (not a FIN)."""
+    data = b""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                piece = await reader.read(65536)
+            except ConnectionResetError:
+                return data, True
+            if not piece:
+                return data, False
+            data += piece
+
+
 def reset_on_close(writer: asyncio.StreamWriter) -> None:
     """Make the next close of this socket send RST instead of FIN (SO_LINGER 0)."""
     sock = writer.get_extra_info("socket")

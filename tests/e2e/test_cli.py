@@ -19,6 +19,7 @@ from tests.helpers import (
     laneswitch_command,
     raw_upstream,
     run_cli,
+    wait_for_line,
 )
 
 
@@ -52,17 +53,6 @@ async def test_schema_prints_json_schema() -> None:
     assert code == 0
     schema = json.loads(out)
     assert {"listen", "services", "timeouts", "limits"} <= set(schema["properties"])
-
-
-async def wait_for_line(stream: asyncio.StreamReader, pattern: str, timeout: float = 15) -> str:
-    regex = re.compile(pattern)
-    async with asyncio.timeout(timeout):
-        while True:
-            line = (await stream.readline()).decode()
-            if not line:
-                raise AssertionError(f"process ended before printing {pattern!r}")
-            if regex.search(line):
-                return line
 
 
 async def test_run_proxies_then_stops_gracefully_on_sigterm(tmp_path: Path) -> None:

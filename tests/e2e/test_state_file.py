@@ -13,9 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.e2e.test_cli import wait_for_line
 from tests.functional.test_admin import admin_proxy, blue_green, config_text, parse_metrics, value
-from tests.helpers import ROOT, RecordingUpstream, laneswitch_command
+from tests.helpers import ROOT, RecordingUpstream, laneswitch_command, wait_for_line
 
 
 def state_from_another_version(damaged: bool) -> dict[str, object]:

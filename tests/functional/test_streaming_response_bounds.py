@@ -20,6 +20,7 @@ from tests.helpers import (
     only_blue,
     raw_upstream,
     read_request_head,
+    read_until_closed,
     running_proxy,
     until,
 )
@@ -50,20 +51,6 @@ class Stalling:
             self.released.set()
 
 
-async def received_until_cut(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
-    """What the proxy sends until it ends the connection, and whether that was a reset."""
-    data = b""
-    async with asyncio.timeout(10):
-        while True:
-            try:
-                piece = await reader.read(65536)
-            except ConnectionResetError:
-                return data, True
-            if not piece:
-                return data, False
-            data += piece
-
-
 @pytest.mark.parametrize("framing", list(HEADS))
 async def test_an_upstream_silent_mid_body_is_cut_at_the_idle_timeout(framing: str) -> None:
     upstream = Stalling(HEADS[framing])
@@ -77,7 +64,7 @@ async def test_an_upstream_silent_mid_body_is_cut_at_the_idle_timeout(framing: s
         version = "1.0" if framing == "close-delimited" else "1.1"
         await client.send(f"GET / HTTP/{version}\r\nHost: app.test\r\n\r\n".encode())
         started = time.monotonic()
-        received, was_reset = await received_until_cut(client.reader)
+        received, was_reset = await read_until_closed(client.reader, timeout=10)
         elapsed = time.monotonic() - started
         assert received.startswith(b"HTTP/1.1 200") and b"abc" in received
         assert was_reset

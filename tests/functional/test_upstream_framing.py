@@ -19,6 +19,7 @@ from tests.helpers import (
     only_blue,
     raw_upstream,
     read_request_head,
+    read_until_closed,
     reset_on_close,
     running_proxy,
     until,
@@ -238,20 +239,6 @@ async def test_response_connection_naming_content_length_keeps_the_framing() -> 
 # -- the end of a close-delimited body ---------------------------------------------------------
 
 
-async def read_to_the_end(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
-    """Everything the proxy sends, and whether the connection ended with a reset (not a FIN)."""
-    data = b""
-    async with asyncio.timeout(5):
-        while True:
-            try:
-                piece = await reader.read(65536)
-            except ConnectionResetError:
-                return data, True
-            if not piece:
-                return data, False
-            data += piece
-
-
 @pytest.mark.parametrize("client_version", ["1.1", "1.0"])
 @pytest.mark.parametrize("end", ["fin", "rst"])
 async def test_a_reset_does_not_end_a_close_delimited_body(client_version: str, end: str) -> None:
@@ -284,7 +271,7 @@ async def test_a_reset_does_not_end_a_close_delimited_body(client_version: str, 
                 assert piece, "the proxy closed before forwarding the body"
                 received += piece
         client_has_part.set()
-        rest, was_reset = await read_to_the_end(client.reader)
+        rest, was_reset = await read_until_closed(client.reader)
         received += rest
         stats = proxy.stats("shop", "blue")
         await until(lambda: stats.in_flight == 0)

@@ -38,6 +38,7 @@ from proxy.routing.build import build_table
 from proxy.upstream import connection as upstream_connection
 from proxy.upstream.connection import UpstreamConnection
 from proxy.upstream.pool import UpstreamPool, UpstreamPools
+from tests.helpers import FakeTransport
 
 # The input's sections, in order: client 0's bytes, client 1's bytes, upstream templates, schedule.
 SECTION = b"\n~~\n"
@@ -96,59 +97,17 @@ def tag(kind: bytes, client: int, serial: int) -> bytes:
     return b"<%s%d%05d>" % (kind, client, serial % 100000)
 
 
-class Transport:
-    """A fake transport: records writes, pause/resume, half-close, close and abort."""
+class Transport(FakeTransport):
+    """A fake transport whose writes after a close are dropped: the schedule closes and resets
+    transports under the proxy, and what it writes to them then reaches nobody."""
 
     def __init__(self, peer: tuple[str, int]) -> None:
-        self.peer = peer
-        self.written = bytearray()
-        self.reading = True
-        self.eof_written = False
-        self.closed = False
-        self.aborted = False
+        super().__init__(peer)
         self.lost = False  # connection_lost was delivered
-        self.sock: Any = None
 
     def write(self, data: bytes) -> None:
         if not self.is_closing():
-            self.written += data
-
-    def writelines(self, data: list[bytes]) -> None:
-        for piece in data:
-            self.write(piece)
-
-    def is_closing(self) -> bool:
-        return self.closed or self.aborted
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def is_reading(self) -> bool:
-        return self.reading
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.eof_written = True
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peer if name == "peername" else default
+            super().write(data)
 
 
 def response_end(response: bytes, head_only: bool) -> int | None:
