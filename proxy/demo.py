@@ -29,6 +29,7 @@ from aiohttp import web
 
 from proxy.config.loader import parse_config
 from proxy.control import ControlPlane
+from proxy.rollout.manager import RolloutManager
 from proxy.server import ListenError, Server, serve_until_signalled
 
 log = logging.getLogger("laneswitch.demo")
@@ -274,16 +275,18 @@ STEPS = "10 %, 25 %, 50 %, every 5 s"
 SETTLED = ("promoted", "rolled_back", "aborted", "paused")
 
 
-async def settled(control: ControlPlane, service: str) -> str:
+async def settled(rollouts: RolloutManager, service: str) -> str:
     """Wait for the service's rollout to end; its final phase."""
     while True:
-        phase = control.rollouts.state(service).phase
+        phase = rollouts.state(service).phase
         if phase in SETTLED:
             return phase
         await asyncio.sleep(0.2)
 
 
-async def tour(control: ControlPlane, green: Failing, fail_rate: float | None) -> None:
+async def tour(
+    control: ControlPlane, rollouts: RolloutManager, green: Failing, fail_rate: float | None
+) -> None:
     """Roll green out while it is healthy, then again while it fails (or once, failing)."""
     await asyncio.sleep(1.0)
     for number, rate in enumerate(tour_acts(fail_rate), start=1):
@@ -291,9 +294,9 @@ async def tour(control: ControlPlane, green: Failing, fail_rate: float | None) -
         if control.weights["shop"].get("green", 0) == control.config.services["shop"].weight_total:
             await control.rollback("shop", actor="admin")
         print(f"[demo] act {number}: rolling out green ({act_state(rate)}): {STEPS}")
-        await control.rollouts.start("shop", actor="admin", reason="started by laneswitch demo")
-        phase = await settled(control, "shop")
-        last = control.rollouts.state("shop").last_decision or {}
+        await rollouts.start("shop", actor="admin", reason="started by laneswitch demo")
+        phase = await settled(rollouts, "shop")
+        last = rollouts.state("shop").last_decision or {}
         print(f"[demo] act {number}: {phase}: {last.get('reason', '')}", flush=True)
         await asyncio.sleep(3.0)
     print("[demo] your turn: see the commands above; Ctrl-C stops the demo", flush=True)
@@ -329,7 +332,7 @@ async def demo(
         loop = asyncio.get_running_loop()
         background = [
             loop.create_task(traffic([f"http://127.0.0.1:{data_port}/"])),
-            loop.create_task(tour(server.control, green, fail_rate)),
+            loop.create_task(tour(server.control, server.rollouts, green, fail_rate)),
         ]
         try:
             await serve_until_signalled(server)

@@ -1,7 +1,8 @@
-"""The one error taxonomy of the data plane, mapped to status codes in one place (STYLE rule 6).
+"""The proxy's errors that carry an HTTP status, each mapped to it in one place (STYLE rule 6).
 
-Every failure the proxy answers itself is a `Failure`; everything that maps a failure to a status,
-a reason phrase, an upstream-error kind for the metrics or a `Retry-After` reads it from here.
+Every failure the data plane answers itself is a `Failure`; everything that maps a failure to a
+status, a reason phrase, an upstream-error kind for the metrics or a `Retry-After` reads it from
+here. A control operation refused is a `ControlError`, with the admin API's status for it.
 """
 
 from __future__ import annotations
@@ -35,3 +36,12 @@ class Failure(enum.Enum):
         self.status = status
         # The label of laneswitch_upstream_errors_total; None when the upstream is not to blame.
         self.upstream_kind = upstream_kind
+
+
+class ControlError(Exception):
+    """A refused control operation: `status` is the admin API's HTTP status for it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message

@@ -8,11 +8,13 @@ answers and /readyz says 503), then the first round of health checks, then the d
 keep-alive clients are told `Connection: close`, in-flight work gets `drain_timeout`, then what is
 left is cut and counted.
 
-With `workers: N` (N > 1) this process is the control plane only: a `WorkerPool` runs the data
-plane in N processes, gets every new table pushed to it (`table_listeners`), holds back each
-acknowledgement until every worker has applied the change (`table_acks`), feeds the workers'
-counters into this process's stats, and `/readyz` is 200 only while every worker is listening.
-This process's own `DataPlane` then serves nothing; it only holds the table in force.
+The control plane publishes each new table to its subscribers: this process's `DataPlane`, or,
+with `workers: N` (N > 1), a `WorkerPool` that runs the data plane in N processes. This process
+is then the control plane only, with no data plane of its own: the pool pushes every new table
+to the workers (`table_subscribers`), holds back each acknowledgement until every worker has
+applied the change (`table_acks`), feeds the workers' counters into this process's stats, and
+`/readyz` is 200 only while every worker is listening. The rollout manager is built here too,
+on the control plane, and handed to it (the two never import each other).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from proxy.health import HealthChecker, targets_from_config
 from proxy.history import HISTORY_STEP
 from proxy.http.plane import DataPlane
 from proxy.metrics import StatsRegistry
-from proxy.routing.build import build_table
+from proxy.rollout.manager import RolloutManager
 from proxy.routing.table import RouteTable
 from proxy.state import load_state
 from proxy.watch import ConfigWatcher
@@ -75,10 +77,13 @@ class Server:
         self.workers_override = workers
         self.workers = resolve_workers(workers if workers is not None else config.workers)
         self.loop = asyncio.get_running_loop()
-        self.plane = DataPlane(self.loop, build_table(config, generation=1), stats)
+        self.stats = stats if stats is not None else StatsRegistry()
         self.control = ControlPlane(
-            config, self.plane, self.plane.stats, config_path=config_path, config_text=config_text
+            config, self.stats, config_path=config_path, config_text=config_text
         )
+        # Progressive rollouts: their timers, decisions and run state.
+        self.rollouts = RolloutManager(self.control)
+        self.control.rollouts = self.rollouts
         # Fleet mode: this process is a member; its coordinator is the control plane's backend
         # before anything is restored, so no rollout timer starts on a member that does not lead.
         self.coordinator: FleetCoordinator | None = None
@@ -96,19 +101,24 @@ class Server:
         self._hurry = asyncio.Event()  # a second signal: stop without waiting for the drain
         # N > 1: the data plane runs in worker processes (see the module's docstring).
         self.pool: WorkerPool | None = None
+        self.plane: DataPlane | None = None
         if self.workers > 1:
             self.pool = WorkerPool(
                 self.workers,
                 [parse_endpoint(address) for address in config.listen],
-                self.plane.table,
-                self.plane.stats,
+                self.control.table,
+                self.stats,
                 backlog=LISTEN_BACKLOG,
                 on_ready=self._workers_ready,
             )
+        else:
+            self.plane = DataPlane(self.loop, self.control.table, self.stats)
+            self.control.table_subscribers.append(self.plane.install)
 
     @property
     def table(self) -> RouteTable:
-        return self.plane.table
+        """The route table in force."""
+        return self.control.table
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -149,6 +159,7 @@ class Server:
             try:
                 self.admin = await start_admin(
                     control,
+                    self.rollouts,
                     admin_cfg.listen,
                     admin_cfg.token,
                     admin_cfg.metrics_public,
@@ -168,16 +179,18 @@ class Server:
             except OSError as exc:  # the parent binds every address before any worker starts
                 raise ListenError("listen", ", ".join(config.listen), exc) from exc
         else:
+            plane = self.plane
+            assert plane is not None
             for address in config.listen:
                 host, port = parse_endpoint(address)
                 try:
                     listener = await self.loop.create_server(
-                        self.plane.protocol, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+                        plane.protocol, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
                     )
                 except OSError as exc:
                     raise ListenError("listen", address, exc) from exc
                 self.listeners.append(listener)
-            self.plane.start_ticker()
+            plane.start_ticker()
             control.listening = True
         self._sample_window()
         self._sample_history()
@@ -205,9 +218,10 @@ class Server:
     async def _release(self) -> None:
         """The end of both a stop and an abandoned start: timers, pools, health checks, the
         admin API, then the listeners' last close."""
-        self.plane.stop_ticker()
-        self.plane.stop_drains()
-        self.plane.pools.close()
+        if self.plane is not None:
+            self.plane.stop_ticker()
+            self.plane.stop_drains()
+            self.plane.pools.close()
         self.control.close()
         for sampler in (self._sampler, self._history_sampler):
             if sampler is not None:
@@ -224,8 +238,8 @@ class Server:
         pool = self.pool
         assert pool is not None
         # Tables installed from now on go to the workers; the pool starts them with this one.
-        pool.push(self.plane.table)
-        self.control.table_listeners.append(pool.push)
+        pool.push(self.control.table)
+        self.control.table_subscribers.append(pool.push)
         self.control.table_acks.append(pool.wait_applied)
         log.info("starting %d worker processes", self.workers)
         await pool.start()
@@ -290,16 +304,17 @@ class Server:
         if self.pool is not None:
             cut = await self.pool.stop(drain_timeout)
         else:
+            assert self.plane is not None
             self.plane.begin_drain()
-            await self._drained_or_hurried(drain_timeout)
+            await self._drained_or_hurried(self.plane, drain_timeout)
             cut = self.plane.cut_all()
         await self._release()
         return cut
 
-    async def _drained_or_hurried(self, drain_timeout: float) -> None:
+    async def _drained_or_hurried(self, plane: DataPlane, drain_timeout: float) -> None:
         """Until nothing is in flight, `kill_now()` is called, or `drain_timeout` passes."""
         waiters = [
-            self.loop.create_task(self.plane.drained.wait()),
+            self.loop.create_task(plane.drained.wait()),
             self.loop.create_task(self._hurry.wait()),
         ]
         try:
@@ -313,7 +328,8 @@ class Server:
         self._hurry.set()
         if self.pool is not None:
             self.pool.kill_now()
-        self.plane.cut_all()
+        if self.plane is not None:
+            self.plane.cut_all()
 
 
 async def run(

@@ -25,7 +25,9 @@ from proxy.admin.access import (
 )
 from proxy.admin.console import add_console_routes
 from proxy.admin.metrics import metrics_registry, render
-from proxy.control import ControlError, ControlPlane
+from proxy.control import ControlPlane
+from proxy.errors import ControlError
+from proxy.rollout.manager import RolloutManager
 from proxy.workers.supervisor import WorkerPool
 
 log = logging.getLogger("laneswitch.admin")
@@ -39,6 +41,7 @@ COUNTER_READS = frozenset({"/metrics", "/status"})
 ACTOR = "admin"
 
 CONTROL: web.AppKey[ControlPlane] = web.AppKey("control", ControlPlane)
+ROLLOUTS: web.AppKey[RolloutManager] = web.AppKey("rollouts", RolloutManager)
 ACCESS: web.AppKey[AccessPolicy] = web.AppKey("access", AccessPolicy)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -214,7 +217,7 @@ async def rollback(request: web.Request) -> web.Response:
 
 async def rollout(request: web.Request) -> web.Response:
     request.app[CONTROL].refuse_while_draining()
-    result = await request.app[CONTROL].rollouts.command(
+    result = await request.app[ROLLOUTS].command(
         request.match_info["svc"], request.match_info["action"], actor=ACTOR
     )
     return await changed(request.app[CONTROL], result)
@@ -232,13 +235,15 @@ async def reload(request: web.Request) -> web.Response:
 
 def create_admin_app(
     control: ControlPlane,
+    rollouts: RolloutManager,
     token: str | None,
     metrics_public: bool,
     *,
     workers: WorkerPool | None = None,
 ) -> web.Application:
-    """The admin API of `control`; `token` None or "" means no authentication. With `workers`
-    (N > 1), counters are collected from the worker processes before they are read.
+    """The admin API of `control` and its `rollouts`; `token` None or "" means no
+    authentication. With `workers` (N > 1), counters are collected from the worker processes
+    before they are read.
 
     The browser-safety checks come before everything else (every route, present and future,
     gets them); a reload's new `admin.token` and `metrics_public` apply at once."""
@@ -253,8 +258,9 @@ def create_admin_app(
         middlewares.append(refresh_middleware(workers))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CONTROL] = control
+    app[ROLLOUTS] = rollouts
     app[ACCESS] = policy
-    registry = metrics_registry(control, workers)
+    registry = metrics_registry(control, rollouts, workers)
 
     async def metrics(request: web.Request) -> web.Response:
         response = web.Response(body=render(registry))

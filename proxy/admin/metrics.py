@@ -24,6 +24,7 @@ from proxy.config.scalars import parse_endpoint
 from proxy.control import ControlPlane
 from proxy.metrics import LATENCY_BUCKETS, UPSTREAM_ERROR_KINDS, VersionStats
 from proxy.rollout.controller import PHASES, roles
+from proxy.rollout.manager import RolloutManager
 from proxy.routing.table import Endpoint
 from proxy.workers.supervisor import WorkerPool
 
@@ -41,10 +42,14 @@ def endpoint_key(text: str) -> str:
 
 
 class LaneswitchCollector(Collector):
-    """Every `laneswitch_*` family (docs/metrics.md's metrics table), read from `control`."""
+    """Every `laneswitch_*` family (docs/metrics.md's metrics table), read from `control` and
+    its `rollouts`."""
 
-    def __init__(self, control: ControlPlane, workers: WorkerPool | None = None) -> None:
+    def __init__(
+        self, control: ControlPlane, rollouts: RolloutManager, workers: WorkerPool | None = None
+    ) -> None:
         self.control = control
+        self.rollouts = rollouts
         self.workers = workers
 
     def describe(self) -> list[Metric]:
@@ -160,7 +165,7 @@ class LaneswitchCollector(Collector):
             rollout = service.rollout
             if rollout is None:
                 continue
-            state = control.rollouts.state(service_name)
+            state = self.rollouts.state(service_name)
             for name in PHASES:
                 phase.add_metric([service_name, name], 1 if name == state.phase else 0)
             last = state.last_analysis
@@ -175,7 +180,7 @@ class LaneswitchCollector(Collector):
             "abort, manual).",
             labels=["service", "reason"],
         )
-        counted = control.rollouts.rollbacks
+        counted = self.rollouts.rollbacks
         for service_name in control.config.services:
             for reason in ROLLBACK_REASONS:
                 rollbacks.add_metric([service_name, reason], counted.get((service_name, reason), 0))
@@ -258,10 +263,12 @@ def _cumulative(per_bucket: list[int]) -> list[tuple[str, float]]:
     return buckets
 
 
-def metrics_registry(control: ControlPlane, workers: WorkerPool | None = None) -> CollectorRegistry:
+def metrics_registry(
+    control: ControlPlane, rollouts: RolloutManager, workers: WorkerPool | None = None
+) -> CollectorRegistry:
     """A registry holding only this proxy's collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LaneswitchCollector(control, workers))
+    registry.register(LaneswitchCollector(control, rollouts, workers))
     return registry
 
 

@@ -7,6 +7,7 @@ from aiohttp import web
 from proxy.admin.app import create_admin_app
 from proxy.config.scalars import parse_endpoint
 from proxy.control import ControlPlane
+from proxy.rollout.manager import RolloutManager
 from proxy.workers.supervisor import WorkerPool
 
 # How long `stop()` lets an admin call in progress finish before closing its connection.
@@ -39,16 +40,18 @@ class AdminServer:
 
 async def start_admin(
     control: ControlPlane,
+    rollouts: RolloutManager,
     listen: str,
     token: str | None,
     metrics_public: bool,
     *,
     workers: WorkerPool | None = None,
 ) -> AdminServer:
-    """Bind the admin API of `control` on `listen` ("host:port", port 0 picks a free one);
-    with `workers`, /metrics and /status first collect the worker processes' counters."""
+    """Bind the admin API of `control` and its `rollouts` on `listen` ("host:port", port 0
+    picks a free one); with `workers`, /metrics and /status first collect the worker
+    processes' counters."""
     host, port = parse_endpoint(listen)
-    app = create_admin_app(control, token, metrics_public, workers=workers)
+    app = create_admin_app(control, rollouts, token, metrics_public, workers=workers)
     # Access logs off: scrapes and status polls every few seconds would drown the event log.
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT

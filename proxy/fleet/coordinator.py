@@ -30,7 +30,8 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from proxy.config.blocks import FleetConfig
-from proxy.control import ControlError, ControlPlane
+from proxy.control import ControlPlane
+from proxy.errors import ControlError
 from proxy.fleet.backend import STORE_UNAVAILABLE, StateBackend
 from proxy.fleet.changes import Changes
 from proxy.fleet.lease import Leadership

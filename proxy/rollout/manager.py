@@ -1,4 +1,4 @@
-"""The rollout driver: one task per service with a running rollout, owned by the ControlPlane.
+"""The rollout driver: one task per service with a running rollout, beside the control plane.
 
 Each `interval` it takes the window of the proxy's own counters since the last analysis, calls
 the gating webhooks (and blue-green's pre-switch checks), asks the pure controller, and carries
@@ -7,8 +7,9 @@ event and state-file write as a switch. Webhook and pre-switch I/O happens outsi
 a person's `pause` or `abort` never waits for a slow hook; a result that comes back after the
 rollout changed under it is dropped.
 
-The rollout's state lives in `ControlPlane.rollout_state[service]` as plain JSON, so the state
-file carries it and a restart resumes the phase and step it stopped at.
+The manager owns every run's state, as plain JSON: the control plane saves it with the rest of
+the runtime state (`saved`, `load`, `adopt`), so the state file carries it and a restart resumes
+the phase and step it stopped at. It sees the control plane only through `port.ControlPort`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from proxy.config.model import Config
 from proxy.config.rollout import BlueGreenRollout, CanaryRollout
 from proxy.config.service import ServiceConfig
+from proxy.errors import ControlError
+from proxy.jsonfields import Unreadable, known_fields
 from proxy.metrics import StatsSnapshot
 from proxy.rollout import controller
 from proxy.rollout.analysis import Measured, analyse, thresholds_of
@@ -38,10 +41,8 @@ from proxy.rollout.controller import (
     Weights,
     roles,
 )
+from proxy.rollout.port import ControlPort
 from proxy.rollout.webhooks import bounded_hooks, call_webhooks, pre_switch_checks
-
-if TYPE_CHECKING:
-    from proxy.control import ControlPlane
 
 log = logging.getLogger("laneswitch.rollout")
 
@@ -55,8 +56,9 @@ MAX_IMMEDIATE_TICKS = 4
 class RolloutManager:
     """Runs every service's rollout; `ControlPlane.rollouts`."""
 
-    def __init__(self, control: ControlPlane) -> None:
+    def __init__(self, control: ControlPort) -> None:
         self.control = control
+        self._runs: dict[str, dict[str, Any]] = {}  # per service, as RolloutState.to_json()
         self.rollbacks: Counter[tuple[str, str]] = Counter()  # (service, reason) -> count
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -69,7 +71,7 @@ class RolloutManager:
     # -- reading ----------------------------------------------------------------------------------
 
     def state(self, service: str) -> RolloutState:
-        return RolloutState.from_json(self.control.rollout_state.get(service, {}))
+        return RolloutState.from_json(self._runs.get(service, {}))
 
     def status(self, service: str) -> dict[str, Any] | None:
         """The rollout part of GET /status; None without a rollout block."""
@@ -134,8 +136,6 @@ class RolloutManager:
         ControlError 404 for an unknown service or one without a rollout block, 409 when the
         phase does not allow the call.
         """
-        from proxy.control import ControlError
-
         config = self.control.config.services.get(service)
         if config is None:
             raise ControlError(404, f"no service {service!r}")
@@ -209,8 +209,22 @@ class RolloutManager:
             self._stop_task(service)
             await self._carry_out(service, state, outcome, actor)
 
+    async def start_release(self, service: str, reason: str) -> None:
+        """The config changed the release under a rollout (a reload, or an edit made while
+        the proxy was down): a new run from weight 0, actor "config"."""
+        try:
+            await self.start(service, actor="config", reason=reason, restart=True)
+        except TransitionRefused as exc:
+            log.warning("%s: rollout not started: %s", service, exc)
+            self.control.events.record(
+                "config", "start_refused", service, reason=f"{reason}: {exc}"
+            )
+            await self.control.save()
+
     async def before_rollback(self, service: str, actor: str) -> None:
-        """`rollback` by a person ends a running (or promoted) rollout: phase rolled_back."""
+        """`rollback` by a person is counted, and ends a running (or promoted) rollout:
+        phase rolled_back."""
+        self.rollbacks[(service, "manual")] += 1
         rollout = self.control.config.services[service].rollout
         if rollout is None:
             return
@@ -224,6 +238,42 @@ class RolloutManager:
             state.paused_from = None
             self._store(service, state)  # saved with the rollback's own event
 
+    # -- the runs' state, saved by the control plane --------------------------------------------
+
+    def saved(self) -> dict[str, dict[str, Any]]:
+        """The runs as plain JSON, per service (the state file's and the fleet's `rollouts`)."""
+        return self._runs
+
+    def load(self, saved: Mapping[str, Any]) -> int:
+        """The runs of a state file; returns how many entries were unreadable and skipped."""
+        self._runs = {}
+        skipped = 0
+        for name, entry in saved.items():
+            try:
+                # Only the fields this version knows, each of its type (see RolloutState).
+                self._runs[name] = known_fields(RolloutState, entry)
+            except Unreadable as exc:
+                skipped += 1
+                log.warning("state file: rollouts.%s skipped: %s", name, exc)
+        return skipped
+
+    def adopt(self, runs: Mapping[str, Any], behind: Collection[str]) -> dict[str, Any]:
+        """The fleet's runs of this config's services, but for those `behind` (this member's
+        config cannot take the fleet's state for them: they keep their own); returns the runs
+        as they were before."""
+        before = self._runs
+        services = self.control.config.services
+        adopted = {
+            name: dict(value)
+            for name, value in runs.items()
+            if name in services and name not in behind and isinstance(value, dict)
+        }
+        for name in behind:
+            if name in before:
+                adopted[name] = before[name]
+        self._runs = adopted
+        return before
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def restored(self) -> None:
@@ -233,9 +283,9 @@ class RolloutManager:
         new run from weight 0, exactly as a reload would start one (SPEC §6): the saved step's
         weight was earned by the old build, never by this one."""
         services = self.control.config.services
-        for name in list(self.control.rollout_state):
+        for name in list(self._runs):
             if name not in services or services[name].rollout is None:
-                del self.control.rollout_state[name]
+                del self._runs[name]
         superseded: list[tuple[str, str]] = []
         for name, service in services.items():
             rollout = service.rollout
@@ -261,7 +311,7 @@ class RolloutManager:
             if not self.control.backend.deciding():
                 continue  # a fleet member: the fleet's state, not this file, has the run
             log.warning("%s: %s: a new rollout starts from weight 0", name, reason)
-            await self.control.start_rollout(name, reason)
+            await self.start_release(name, reason)
         restarted = {name for name, _ in superseded}
         for name, service in services.items():
             if name in restarted:
@@ -281,9 +331,7 @@ class RolloutManager:
             if service.rollout is None or state.phase not in TICKING or not deciding:
                 self._stop_task(name)
                 continue
-            changed = before is not None and before.get(name) != self.control.rollout_state.get(
-                name
-            )
+            changed = before is not None and before.get(name) != self._runs.get(name)
             if name not in self._tasks or changed:
                 # Step 0 (hooks before any traffic) goes on at once; a step holds its interval.
                 self._run(name, immediate=state.step == 0)
@@ -296,11 +344,11 @@ class RolloutManager:
         run, and name the services whose candidate got a new revision or endpoints (the caller
         starts them, with the reason, once the control plane's lock is released)."""
         starts: list[tuple[str, str]] = []
-        for name in list(self.control.rollout_state):
+        for name in list(self._runs):
             service = new.services.get(name)
             if service is None or service.rollout is None:
                 self._stop_task(name)
-                del self.control.rollout_state[name]
+                del self._runs[name]
         for name, service in new.services.items():
             rollout = service.rollout
             before = old.services.get(name)
@@ -592,6 +640,14 @@ class RolloutManager:
             return
         phases = (before.phase, outcome.state.phase)
         decided_from = before
+
+        def commit() -> bool:
+            # Under the control plane's lock: the run must still be the one decided on.
+            if self.state(service) != decided_from:
+                return False
+            self._store(service, outcome.state)
+            return True
+
         for decision in outcome.decisions:
             applied = await self.control.apply_rollout(
                 service,
@@ -602,7 +658,7 @@ class RolloutManager:
                 values=decision.values,
                 thresholds=decision.thresholds,
                 phases=phases,
-                run=(decided_from, outcome.state),
+                commit=commit,
             )
             if not applied:
                 return
@@ -617,7 +673,7 @@ class RolloutManager:
             log.log(level, "%s: %s: %s", service, decision.action, decision.reason)
 
     def _store(self, service: str, state: RolloutState) -> None:
-        self.control.rollout_state[service] = state.to_json()
+        self._runs[service] = state.to_json()
 
     def _notify(self, service: str, kind: str, state: RolloutState) -> None:
         """Call the non-gating hooks of `kind` in the background; their verdicts are events."""

@@ -397,7 +397,7 @@ class WorkerPool:
     # -- the control plane's hooks -------------------------------------------------------------
 
     def push(self, table: RouteTable) -> None:
-        """`ControlPlane.table_listeners`: send a new table to every worker (pickled once)."""
+        """`ControlPlane.table_subscribers`: send a new table to every worker (pickled once)."""
         self.generation = table.generation
         self._table_frame = encode((TABLE, table))
         for link in self.links():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config.loader import parse_config
-from proxy.control import ControlError
+from proxy.errors import ControlError
 from proxy.server import Server
 from tests.helpers import Client, RecordingUpstream, get, ok_response, raw_upstream
 

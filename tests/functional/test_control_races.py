@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-import proxy.control
+import proxy.control.plane
 from proxy.config.loader import parse_config
-from proxy.control import ControlError
+from proxy.errors import ControlError
 from proxy.routing.table import RouteTable
 from proxy.server import Server
 from proxy.state import load_state
@@ -142,7 +142,7 @@ async def test_concurrent_state_saves_land_in_order(
     path.write_text(
         config_text(blue.endpoint, green.endpoint, 100, extra=f"state_file: {state_file}")
     )
-    real = proxy.control.save_state
+    real = proxy.control.plane.save_state
     calls = 0
 
     def uneven_save(target: Any, state: Any) -> None:
@@ -155,7 +155,7 @@ async def test_concurrent_state_saves_land_in_order(
     try:
         async with server_from_file(path) as server:
             control = server.control
-            monkeypatch.setattr(proxy.control, "save_state", uneven_save)
+            monkeypatch.setattr(proxy.control.plane, "save_state", uneven_save)
             # A save outside the lock (as a background webhook verdict makes) overlapping a
             # switch's own save.
             background = asyncio.create_task(control.save())
@@ -206,7 +206,7 @@ async def test_a_reload_never_routes_to_an_endpoint_not_yet_checked(tmp_path: Pa
         async with server_from_file(path) as server:
             control = server.control
             pushed: list[RouteTable] = []
-            control.table_listeners.append(pushed.append)
+            control.table_subscribers.append(pushed.append)
             path.write_text(
                 config_text(blue.endpoint, green.endpoint, 100).replace(
                     f'["{blue.endpoint}"]', f'["{blue.endpoint}", "{extra.endpoint}"]'

@@ -1,10 +1,11 @@
-"""The control plane: the one place that changes what the data plane does.
+"""The control plane's state and its changes, each published as one new route table.
 
 `ControlPlane` owns the validated config, the runtime weights (what a switch, a weights call or a
 rollback set), the endpoints' health and the decision record. Every change builds a new
-`RouteTable` from those and installs it whole; versions that lost all their traffic are drained:
-their idle upstream connections close at once, busy ones after their exchange, and whatever is
-still in flight on them at `drain_timeout` is cut and counted.
+`RouteTable` from those and publishes it whole to the subscribers (this process's data plane, or
+the worker pool); versions that lost all their traffic are drained: their idle upstream
+connections close at once, busy ones after their exchange, and whatever is still in flight on
+them at `drain_timeout` is cut and counted.
 """
 
 from __future__ import annotations
@@ -21,31 +22,20 @@ from typing import Any
 from proxy.config.loader import ConfigError, config_digest, parse_config
 from proxy.config.model import Config
 from proxy.config.service import ServiceConfig
+from proxy.control.rollouts import Rollouts
+from proxy.control.weights import Weights, mapping_of, validate_weights, weights_of
+from proxy.errors import ControlError
 from proxy.events import Event, EventLog
 from proxy.fleet.backend import STORE_UNAVAILABLE, StateBackend
 from proxy.history import History
-from proxy.http.plane import DataPlane
-from proxy.jsonfields import Unreadable, known_fields
 from proxy.metrics import MetricsWindow, StatsRegistry, StatsSnapshot, quantile, success_rate
-from proxy.rollout.controller import RolloutState, TransitionRefused
-from proxy.rollout.manager import RolloutManager
 from proxy.routing.build import build_table, rollout_roles
 from proxy.routing.table import RouteTable
 from proxy.state import RuntimeState, save_state
 
 log = logging.getLogger("laneswitch.control")
 
-Weights = dict[str, int]
 EndpointKey = tuple[str, str, str]  # (service, version, "host:port")
-
-
-class ControlError(Exception):
-    """A refused control operation: `status` is the admin API's HTTP status for it."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -56,19 +46,21 @@ class ReloadResult:
 
 
 class ControlPlane:
-    """Config, runtime weights, health and events; builds and installs route tables."""
+    """Config, runtime weights, health and events; builds route tables and publishes them."""
+
+    # Every service's rollout runs; set by the wiring (proxy/server.py) right after the
+    # control plane is built, since the manager is built on the control plane.
+    rollouts: Rollouts
 
     def __init__(
         self,
         config: Config,
-        plane: DataPlane,
         stats: StatsRegistry,
         *,
         config_path: str | None = None,
         config_text: str = "",
     ) -> None:
         self.config = config
-        self.plane = plane
         self.stats = stats
         self.config_path = config_path
         self.config_hash = config_digest(config_text)
@@ -89,8 +81,9 @@ class ControlPlane:
         self.health_ready = True  # no health checks configured -> every endpoint healthy
         self.listening = False
         self.draining = False
-        self.generation = plane.table.generation
-        self.rollout_state: dict[str, dict[str, Any]] = {}
+        # The table in force, the first one from the file; each change publishes a new one.
+        self.generation = 1
+        self.table = build_table(config, self.weights, self.unhealthy, self.generation)
         # The state file: entries of the saved one left out at start-up (another version's,
         # or damaged), and writes that failed (the last one's error until a write succeeds).
         self.state_entries_skipped = 0
@@ -102,9 +95,10 @@ class ControlPlane:
         # Services whose fleet state this member's config cannot apply, with why (config skew).
         self.config_behind: dict[str, str] = {}
         self.history = History(stats)  # the console's charts (GET /history)
-        # Called with each new table as it is installed (e.g. to push it to worker processes),
-        # and with each new config (health checks).
-        self.table_listeners: list[Callable[[RouteTable], None]] = []
+        # Called with each new table as it is installed: the data plane of this process, or
+        # the worker pool that pushes it to the worker processes; and with each new config
+        # (health checks).
+        self.table_subscribers: list[Callable[[RouteTable], None]] = []
         self.config_listeners: list[Callable[[Config], None]] = []
         # Awaited with a table generation before a change is acknowledged to its caller: they
         # return once every process serving traffic has applied that table (or a later one).
@@ -117,8 +111,6 @@ class ControlPlane:
         # verdicts, a refused rollout start), and two writes in flight at once could land in
         # the wrong order, an older state replacing a newer one.
         self._save_lock = asyncio.Lock()
-        # Progressive rollouts: their timers, decisions and state (kept in rollout_state).
-        self.rollouts = RolloutManager(self)
 
     # -- start-up ---------------------------------------------------------------------------------
 
@@ -140,14 +132,7 @@ class ControlPlane:
                 previous = state.previous_weights.get(name)
                 if previous is not None and validate_weights(service, previous) is None:
                     self.previous_weights[name] = dict(previous)
-        self.rollout_state = {}
-        for name, saved in state.rollouts.items():
-            try:
-                # Only the fields this version knows, each of its type (see RolloutState).
-                self.rollout_state[name] = known_fields(RolloutState, saved)
-            except Unreadable as exc:
-                self.state_entries_skipped += 1
-                log.warning("state file: rollouts.%s skipped: %s", name, exc)
+        self.state_entries_skipped += self.rollouts.load(state.rollouts)
         self.install()
         await self.rollouts.restored()
 
@@ -157,7 +142,7 @@ class ControlPlane:
             file_weights=self.file_weights,
             previous_weights=self.previous_weights,
             events=[event.to_json() for event in self.events.since(0)],
-            rollouts=self.rollout_state,
+            rollouts=self.rollouts.saved(),
         )
 
     # -- reading ----------------------------------------------------------------------------------
@@ -320,7 +305,6 @@ class ControlPlane:
         # The run ends first, even when the weights need not move: a run at step 0 (its
         # pre-rollout hooks still running) would otherwise give the canary traffic afterwards.
         await self.rollouts.before_rollback(service, actor)
-        self.rollouts.rollbacks[(service, "manual")] += 1
         return await self._apply(service, target, "rollback", actor, False, reason)
 
     async def apply_rollout(
@@ -334,10 +318,10 @@ class ControlPlane:
         values: dict[str, Any],
         thresholds: dict[str, Any],
         phases: tuple[str, str],
-        run: tuple[RolloutState, RolloutState],
+        commit: Callable[[], bool],
     ) -> bool:
-        """Carry out one rollout decision, computed from the run's state `run[0]`: its new
-        state `run[1]` and weights (if any) are stored together, the weights installed
+        """Carry out one rollout decision: `commit` stores the run's new state (False: the run
+        moved since the decision was computed) together with its weights (if any), installed
         through the same acknowledgement and drain as a switch, then its event and the state
         file. The event's from/to are the weights when they change, else the rollout's
         phases. False: dropped, nothing changed."""
@@ -347,17 +331,15 @@ class ControlPlane:
             # pause, steps edited), and such a stale decision must never be installed (that
             # reload already dealt with the rollout).
             current = self.config.services.get(service)
-            decided_from, state = run
             if (
                 current is None
                 or (weights is not None and validate_weights(current, weights) is not None)
-                or RolloutState.from_json(self.rollout_state.get(service, {})) != decided_from
+                # Only now, with the weights: whatever saves the state file while the decision
+                # waits for the lock must not persist a step whose weights were never applied.
+                or not commit()
             ):
                 log.warning("%s: %s dropped: the config changed under it", service, action)
                 return False
-            # Only now, with the weights: whatever saves the state file while the decision
-            # waits for the lock must not persist a step whose weights were never applied.
-            self.rollout_state[service] = state.to_json()
             before = dict(self.weights[service])
             from_: Any = phases[0]
             to: Any = phases[1]
@@ -501,18 +483,8 @@ class ControlPlane:
         # In a fleet, a new release of the canary starts one run for the fleet: the leader's,
         # when its own file has it (every member reloads the same file sooner or later).
         for service, reason in starts if self.backend.deciding() else []:
-            await self.start_rollout(service, reason)
+            await self.rollouts.start_release(service, reason)
         return ReloadResult(ok=True, changed=True)
-
-    async def start_rollout(self, service: str, reason: str) -> None:
-        """The config changed the release under a rollout (a reload, or an edit made while
-        the proxy was down): a new run from weight 0, actor "config"."""
-        try:
-            await self.rollouts.start(service, actor="config", reason=reason, restart=True)
-        except TransitionRefused as exc:
-            log.warning("%s: rollout not started: %s", service, exc)
-            self.events.record("config", "start_refused", service, reason=f"{reason}: {exc}")
-            await self.save()
 
     async def _reload_failed(self, errors: list[str], actor: str) -> ReloadResult:
         async with self._lock:
@@ -562,12 +534,12 @@ class ControlPlane:
     # -- the table --------------------------------------------------------------------------------
 
     def install(self) -> None:
-        """Build a table from config + weights + health and install it."""
+        """Build a table from config + weights + health and publish it to the subscribers
+        (each data plane drains what lost its traffic)."""
         self.generation += 1
-        table = build_table(self.config, self.weights, self.unhealthy, self.generation)
-        self.plane.install(table)  # drains, in every process, what lost its traffic
-        for listener in self.table_listeners:
-            listener(table)
+        self.table = build_table(self.config, self.weights, self.unhealthy, self.generation)
+        for subscriber in self.table_subscribers:
+            subscriber(self.table)
 
     async def applied(self) -> None:
         """Wait until every serving process has the table in force (see `table_acks`)."""
@@ -586,7 +558,7 @@ class ControlPlane:
         return {
             "weights": self.weights,
             "previous_weights": self.previous_weights,
-            "rollouts": self.rollout_state,
+            "rollouts": self.rollouts.saved(),
         }
 
     async def apply_fleet(self, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -597,11 +569,11 @@ class ControlPlane:
             services = self.config.services
             behind: dict[str, str] = {}
             weights = {name: dict(w) for name, w in self.weights.items()}
-            for name, raw in _mapping(state.get("weights")).items():
+            for name, raw in mapping_of(state.get("weights")).items():
                 service = services.get(name)
                 if service is None:
                     continue  # a service only other members' configs have
-                fleet_weights = _weights_of(raw)
+                fleet_weights = weights_of(raw)
                 problem = (
                     validate_weights(service, fleet_weights)
                     if fleet_weights is not None
@@ -613,26 +585,17 @@ class ControlPlane:
                 assert fleet_weights is not None
                 weights[name] = fleet_weights
             previous: dict[str, Weights] = {}
-            for name, raw in _mapping(state.get("previous_weights")).items():
-                undo = _weights_of(raw)
+            for name, raw in mapping_of(state.get("previous_weights")).items():
+                undo = weights_of(raw)
                 if (
                     name in services
                     and undo is not None
                     and validate_weights(services[name], undo) is None
                 ):
                     previous[name] = undo
-            before = self.rollout_state
-            rollouts = {
-                name: dict(value)
-                for name, value in _mapping(state.get("rollouts")).items()
-                if name in services and name not in behind and isinstance(value, dict)
-            }
-            for name in behind:
-                if name in before:
-                    rollouts[name] = before[name]
+            before = self.rollouts.adopt(mapping_of(state.get("rollouts")), behind)
             self.config_behind = behind
             self.previous_weights = previous
-            self.rollout_state = rollouts
             if weights != self.weights:
                 self.weights = weights
                 self.install()
@@ -693,23 +656,6 @@ class ControlPlane:
         return service
 
 
-def validate_weights(service: ServiceConfig, weights: Mapping[str, int]) -> str | None:
-    """Why `weights` break the config file's weight rules for `service`, or None when they don't."""
-    if set(weights) != set(service.versions):
-        return "weights must name exactly the service's versions"
-    for name, weight in weights.items():
-        if isinstance(weight, bool) or not isinstance(weight, int):
-            return f"{name}: weight must be an integer"
-        if weight < 0:
-            return f"{name}: weight must be >= 0"
-    total = sum(weights.values())
-    if total == 0:
-        return "at least one version needs a weight above 0"
-    if total != service.weight_total:
-        return f"weights sum to {total}, must equal weight_total {service.weight_total}"
-    return None
-
-
 def window_summary(window: StatsSnapshot | None, seconds: float) -> dict[str, Any]:
     """Request count, success rate and p99 of a version over the status window."""
     if window is None:
@@ -740,18 +686,6 @@ def _reload_reason(old: Config, new: Config) -> str:
     if old.admin.listen != new.admin.listen:
         notes.append(f"admin.listen {new.admin.listen} takes effect at the next start")
     return "; ".join(notes)
-
-
-def _mapping(value: Any) -> dict[str, Any]:
-    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
-
-
-def _weights_of(value: Any) -> Weights | None:
-    if not isinstance(value, dict):
-        return None
-    if not all(isinstance(w, int) and not isinstance(w, bool) for w in value.values()):
-        return None
-    return {str(k): int(w) for k, w in value.items()}
 
 
 def _still_exists(config: Config, key: EndpointKey) -> bool:
