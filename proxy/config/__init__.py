@@ -1,4 +1,4 @@
-"""The config file: its models (the root in `model`) and its loading, errors, schema (`loader`)."""
+"""The config file: its models (root: `model`) and loading, errors, schema, summary (`loader`)."""
 
 from __future__ import annotations
 
