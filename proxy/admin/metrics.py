@@ -23,8 +23,9 @@ from prometheus_client.registry import Collector
 from proxy.config.scalars import parse_endpoint
 from proxy.control import ControlPlane
 from proxy.metrics import LATENCY_BUCKETS, UPSTREAM_ERROR_KINDS, VersionStats
-from proxy.rollout.controller import PHASES, roles
 from proxy.rollout.manager import RolloutManager
+from proxy.rollout.release import roles
+from proxy.rollout.values import PHASES
 from proxy.routing.table import Endpoint
 from proxy.workers.supervisor import WorkerPool
 

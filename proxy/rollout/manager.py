@@ -27,9 +27,11 @@ from proxy.config.service import ServiceConfig
 from proxy.errors import ControlError
 from proxy.jsonfields import Unreadable, known_fields
 from proxy.metrics import StatsSnapshot
-from proxy.rollout import controller
+from proxy.rollout import controller, release
 from proxy.rollout.analysis import Measured, analyse, thresholds_of
-from proxy.rollout.controller import (
+from proxy.rollout.port import ControlPort
+from proxy.rollout.release import roles
+from proxy.rollout.values import (
     RUNNING,
     TICKING,
     CheckResult,
@@ -39,9 +41,7 @@ from proxy.rollout.controller import (
     RolloutState,
     TransitionRefused,
     Weights,
-    roles,
 )
-from proxy.rollout.port import ControlPort
 from proxy.rollout.webhooks import bounded_hooks, call_webhooks, pre_switch_checks
 
 log = logging.getLogger("laneswitch.rollout")
@@ -87,7 +87,7 @@ class RolloutManager:
             "candidate": candidate,
             "baseline": baseline,
             "step": state.step,
-            "steps": controller.step_count(rollout),
+            "steps": release.step_count(rollout),
             "weight": round(self.control.share(service, candidate), 4),
             "failed_checks": state.failed_checks,
             "threshold": rollout.threshold,
@@ -302,8 +302,8 @@ class RolloutManager:
                 self._store(name, state)
                 log.warning("%s: %s", name, state.reason)
                 continue
-            change = controller.describe_change(
-                state.fingerprint, controller.fingerprint(service, rollout)
+            change = release.describe_change(
+                state.fingerprint, release.fingerprint(service, rollout)
             )
             if change is not None:
                 superseded.append((name, f"{change} while the proxy was down"))
@@ -364,9 +364,9 @@ class RolloutManager:
                     state.reason = "the rollout's roles changed in a reload"
                     self._store(name, state)
                 continue
-            change = controller.describe_change(
-                controller.fingerprint(before, before.rollout),
-                controller.fingerprint(service, rollout),
+            change = release.describe_change(
+                release.fingerprint(before, before.rollout),
+                release.fingerprint(service, rollout),
             )
             if change is not None:
                 starts.append((name, f"{change} in the config"))
@@ -434,8 +434,8 @@ class RolloutManager:
             )
             target = weights
             if not file_moved:  # the file's own weights, just applied, stay while paused
-                units = controller.percent_units(new, new_steps[0])
-                target = controller.weights_with(new, weights, candidate, baseline, units)
+                units = release.percent_units(new, new_steps[0])
+                target = release.weights_with(new, weights, candidate, baseline, units)
                 reason += f", {candidate} to {new_steps[0]:g}%"
                 self.control.weights[name] = target
             record(

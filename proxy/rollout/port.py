@@ -15,7 +15,7 @@ from proxy.config.model import Config
 from proxy.events import EventLog
 from proxy.fleet.backend import StateBackend
 from proxy.metrics import MetricsWindow, StatsRegistry
-from proxy.rollout.controller import Weights
+from proxy.rollout.values import Weights
 
 
 class ControlPort(Protocol):

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from proxy.config.rollout import PreSwitchCheck, Webhook
-from proxy.rollout.controller import CheckResult
+from proxy.rollout.values import CheckResult
 
 # Pause between two attempts of a webhook: long enough not to hammer a hook that is restarting.
 RETRY_PAUSE = 0.2

@@ -12,9 +12,9 @@ from proxy.config.loader import parse_config
 from proxy.config.rollout import CanaryRollout, RolloutMetrics
 from proxy.config.service import ServiceConfig
 from proxy.metrics import StatsSnapshot, VersionStats
-from proxy.rollout import controller
+from proxy.rollout import controller, release, values
 from proxy.rollout.analysis import Measured, analyse
-from proxy.rollout.controller import (
+from proxy.rollout.values import (
     CheckResult,
     Observation,
     RolloutState,
@@ -250,7 +250,7 @@ def test_failed_checks_accumulate_and_roll_back_at_the_threshold() -> None:
     assert decision.action == "rollback" and decision.weights == {"stable": 100, "canary": 0}
     assert decision.values["failed_checks"] == 2 and decision.thresholds["threshold"] == 2
     assert decision.rollback == "failed_checks"
-    assert controller.needs(out.state, rollout, timer=True) == controller.Needs()
+    assert controller.needs(out.state, rollout, timer=True) == values.Needs()
 
 
 def test_a_failing_pre_rollout_hook_counts_and_keeps_the_canary_at_zero() -> None:
@@ -353,7 +353,7 @@ def test_a_new_release_supersedes_a_run_that_gave_its_candidate_all_the_traffic(
 
 
 def test_a_change_of_the_release_is_named() -> None:
-    describe = controller.describe_change
+    describe = release.describe_change
     assert describe("canary|2.0|a:1", "canary|2.0|a:1") is None
     assert describe("canary|2.0|a:1", "canary|2.1|a:1") == "canary revision 2.0 -> 2.1"
     assert describe("canary||a:1", "canary||a:1,b:2") == "canary endpoints a:1 -> a:1,b:2"
