@@ -38,8 +38,6 @@ from harness import (
     wait_ready,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 # Ports apart from bench.py's, so the two can run side by side.
 PROXY_PORT = 18180
 ADMIN_PORT = 19951
@@ -143,7 +141,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, float]:
         ]
         step(f"starting: {' '.join(argv)}")
         proxy_log = work / "proxy.log"
-        proxy = procs.start(argv, proxy_log, cwd=REPO_ROOT)
+        proxy = procs.start(argv, proxy_log, cwd=work)  # imports come from the command, not here
         why = wait_ready(proxy, f"http://{HOST}:{PROXY_PORT}/", timeout=READY_TIMEOUT)
         if why is not None:
             raise RuntimeError(f"laneswitch did not start: {why}\n{log_tail(proxy_log)}")

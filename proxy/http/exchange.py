@@ -19,13 +19,22 @@ from proxy.codec.flow import (
     PEER_WRITE_BLOCKED,
 )
 from proxy.errors import Failure
+from proxy.http.context import (
+    DONE,
+    DRAIN_CUT,
+    PLACED,
+    RESPONDING,
+    TUNNEL,
+    WAITING,
+    ClientConnection,
+    End,
+)
 from proxy.http.upstream_head import plain_upstream_head, upstream_head
 from proxy.metrics import VersionStats
 from proxy.routing.table import Endpoint, ServiceRoute, VersionRoute
 from proxy.upstream.pool import UpstreamPool
 
 if TYPE_CHECKING:
-    from proxy.http.protocol import DownstreamProtocol
     from proxy.http.tunnel import Tunnel
     from proxy.upstream.connection import UpstreamConnection
 
@@ -58,12 +67,12 @@ class Exchange:
         "close_after",
         "connect_task",
         "content_length",
-        "done",
         "endpoint",
         "failure",
         "heard",
         "host",
         "host_line",
+        "hostname",
         "hosts",
         "http_10",
         "keep_alive",
@@ -71,12 +80,12 @@ class Exchange:
         "method",
         "named_by_connection",
         "out",
+        "phase",
         "proto",
         "request_complete",
         "request_head",
         "request_sent",
         "response_deadline",
-        "response_started",
         "retried",
         "route",
         "special",
@@ -90,8 +99,9 @@ class Exchange:
         "version",
     )
 
-    def __init__(self, proto: DownstreamProtocol) -> None:
+    def __init__(self, proto: ClientConnection[Exchange]) -> None:
         self.proto = proto
+        self.phase = WAITING
         # Request, as parsed.
         self.method = b""
         self.url = b""
@@ -104,6 +114,7 @@ class Exchange:
         self.host: bytes | None = None
         # Without a Host (HTTP/1.0), an empty one: RFC 9112 §3.2, for the HTTP/1.1 upstream.
         self.host_line = b"Host: \r\n"
+        self.hostname = b""  # the Host's host part, lower-cased: set once the checks passed
         self.named_by_connection: frozenset[bytes] = frozenset()
         self.http_10 = False
         self.keep_alive = True
@@ -129,7 +140,6 @@ class Exchange:
         self.request_sent = False  # head and the whole body written to the upstream
         self.response_deadline = NEVER  # monotonic time by which the response must start
         # Response.
-        self.response_started = False
         self.status = 0
         self.chunked_out = False
         self.close_after = False
@@ -138,7 +148,6 @@ class Exchange:
         # timeouts.idle is counted from the check that found it set (one store per read, not
         # a clock read).
         self.heard = False
-        self.done = False
         self.tunnel: Tunnel | None = None  # set once the upstream switched protocols
 
     def __repr__(self) -> str:
@@ -151,7 +160,7 @@ class Exchange:
         return not self.request_complete and (self.content_length > 0 or self.chunked_in)
 
     def body(self, data: bytes) -> None:
-        if self.done:
+        if self.phase is DONE:
             return  # answered already; the rest of the body is dropped
         self.body_received += len(data)
         limit = self.proto.settings.max_body_bytes
@@ -170,7 +179,7 @@ class Exchange:
     def body_complete(self) -> None:
         self.request_complete = True
         upstream = self.upstream
-        if upstream is not None and not self.done:
+        if upstream is not None and self.phase is not DONE:
             if self.chunked_in:
                 upstream.write(wire.LAST_CHUNK)
             self._request_sent()
@@ -187,20 +196,12 @@ class Exchange:
         if plane.draining:
             self.close_after = True
         table = plane.table
-        host = self.host
-        if host is None:
-            hostname = b""
-        elif host == proto.host_raw:
-            hostname = proto.host_name  # a keep-alive client sends the same Host every time
-        else:
-            hostname = proto.host_name = wire.split_host_port(host)
-            proto.host_raw = host
         url = self.url
         query = url.find(b"?")
         path = url if query == -1 else url[:query]
         if path[0] != 0x2F:
             path = b"/"  # OPTIONS *: the whole host's service
-        route = table.match(hostname, path)
+        route = table.match(self.hostname, path)
         if route is None:
             proto.answer(self, Failure.NO_SERVICE)
             return
@@ -217,6 +218,7 @@ class Exchange:
         stats = plane.stats.get(route.name, version.name)
         self.stats = stats
         stats.in_flight += 1
+        self.phase = PLACED
         self.started_at = time.monotonic()
         endpoint = version.next_endpoint()
         if endpoint is None:
@@ -239,7 +241,7 @@ class Exchange:
             conn = await pool.connect(settings.connect_timeout)
         except (OSError, TimeoutError) as exc:
             self.connect_task = None
-            if self.done:
+            if self.phase is DONE:
                 return
             failure = (
                 Failure.UPSTREAM_CONNECT_TIMEOUT
@@ -258,7 +260,7 @@ class Exchange:
             self.proto.answer(self, failure)
             return
         self.connect_task = None
-        if self.done:
+        if self.phase is DONE:
             conn.release(reusable=True)  # the client left while we connected; keep it warm
             return
         self._attach(conn)
@@ -285,15 +287,14 @@ class Exchange:
 
     def _request_sent(self) -> None:
         self.request_sent = True
-        if not self.response_started and self.response_deadline == NEVER:
+        if self.phase is not RESPONDING and self.response_deadline == NEVER:
             self.response_deadline = time.monotonic() + self.proto.settings.response_timeout
 
     def response_timed_out(self) -> None:
         self.response_deadline = NEVER
-        if self.done or self.response_started:
+        if self.phase is not PLACED:
             return
         self._count_upstream_error(Failure.UPSTREAM_TIMEOUT)
-        self._drop_upstream()
         self.proto.answer(self, Failure.UPSTREAM_TIMEOUT)
 
     def check_stream(self, now: float, idle: float, client_blocked: bool) -> None:
@@ -326,7 +327,7 @@ class Exchange:
             return
         self.response_deadline = NEVER
         self.status = status
-        self.response_started = True
+        self.phase = RESPONDING
         # In pieces: the flush at the end of this read joins them with the body in one go.
         out = self.out
         out.append(wire.status_line(status, conn.reason or None))
@@ -430,9 +431,10 @@ class Exchange:
         if tunnel is not None:
             tunnel.upstream_lost()
             return
-        if self.done:
+        phase = self.phase
+        if phase is DONE:
             return
-        if self.response_started:
+        if phase is RESPONDING:
             self._count_upstream_error(failure)
             # Never fake a clean end: the client must see that the body is incomplete.
             self.proto.abort(self)
@@ -467,7 +469,6 @@ class Exchange:
 
     def _drop_upstream(self) -> None:
         """Cut the upstream side without reuse: the exchange is abandoned."""
-        self.response_deadline = NEVER
         task = self.connect_task
         if task is not None:
             task.cancel()
@@ -491,52 +492,56 @@ class Exchange:
         if parsing is None or parsing is self or parsing.body_buffered <= MAX_BUFFERED_BODY:
             self.proto.gate_resume(BODY_BUFFER_FULL)
 
-    def settle_client_abort(self) -> None:
-        """The client went away before this exchange ended. A client abort never counts
-        against the version, except one that came after waiting longer than the latency limit
-        for a response head that never came: a version that stops answering must be seen even
-        when its clients give up first. That wait is a timeout (504, the answer the proxy gives
-        at its own limit) with its duration in the latency histogram."""
-        stats = self.stats
-        if stats is None or self.done:
-            self.settle(None)
-            return
-        route = self.route
-        limit = route.unanswered_limit if route is not None else 0.0
-        if not limit:
-            limit = self.proto.settings.response_timeout
-        if not self.response_started and time.monotonic() - self.started_at > limit:
-            failure = Failure.UPSTREAM_TIMEOUT
-            stats.upstream_errors[failure.upstream_kind or "timeout"] += 1
-            self.settle(failure.status)
-            return
-        stats.client_aborts += 1
-        self.settle(None)
-
-    def settle_upgraded(self) -> None:
+    def upgraded(self) -> None:
         """The upstream switched protocols: the 101 and the time it took are recorded now (a
         tunnel's lifetime is no latency), and the exchange stays in the in-flight gauge as a
         tunnel until `Tunnel` ends it."""
-        self.done = True
+        self.phase = TUNNEL
         self.response_deadline = NEVER
         stats = self.stats
         if stats is not None:
             stats.observe(101, time.monotonic() - self.started_at)
 
-    def settle(self, status: int | None) -> float:
-        """Record the outcome once: the status sent, or None when no answer was completed.
-        Returns the time it was recorded (monotonic), for the caller's next deadline.
-
-        Callers of settle(None) count why (client abort, drain cut) themselves.
-        """
-        self.done = True
+    def end(self, reason: End, status: int | None = None) -> float:
+        """End the exchange, the one way it ends: free its upstream side without reuse (a
+        connection read to the end of a clean response went back to its pool already) and
+        record the outcome for `reason`: the status sent (ANSWERED) or cut with (CUT), a client
+        abort, a drain cut. Returns the time it was recorded (monotonic), for the client
+        connection's next deadline."""
+        phase = self.phase
+        self.phase = DONE
         self.response_deadline = NEVER
+        if self.upstream is not None or self.connect_task is not None:
+            self._drop_upstream()
         if self.body_buffered:
             self._drop_body_buffer()
         now = time.monotonic()
         stats = self.stats
-        if stats is not None:
-            stats.in_flight -= 1
-            if status is not None:
-                stats.observe(status, now - self.started_at)
+        if stats is None:
+            return now
+        stats.in_flight -= 1
+        if status is not None:  # answered, or cut for the upstream's sake
+            stats.observe(status, now - self.started_at)
+        elif reason is DRAIN_CUT:
+            stats.drain_cut += 1
+        else:
+            self._count_client_abort(stats, now, phase is PLACED)
         return now
+
+    def _count_client_abort(self, stats: VersionStats, now: float, unanswered: bool) -> None:
+        """A client abort never counts against the version, except one that came after waiting
+        longer than the latency limit for a response head that never came: a version that stops
+        answering must be seen even when its clients give up first. That wait is a timeout (504,
+        the answer the proxy gives at its own limit) with its duration in the latency histogram.
+        """
+        if unanswered:
+            route = self.route
+            limit = route.unanswered_limit if route is not None else 0.0
+            if not limit:
+                limit = self.proto.settings.response_timeout
+            if now - self.started_at > limit:
+                failure = Failure.UPSTREAM_TIMEOUT
+                stats.upstream_errors[failure.upstream_kind or "timeout"] += 1
+                stats.observe(failure.status, now - self.started_at)
+                return
+        stats.client_aborts += 1

@@ -12,6 +12,7 @@ import logging
 import time
 
 from proxy.codec import wire
+from proxy.http.context import DONE
 from proxy.http.protocol import DownstreamProtocol
 from proxy.http.upstream_head import RequestIds
 from proxy.metrics import StatsRegistry
@@ -191,7 +192,7 @@ class DataPlane:
             ex = conn.active
             if (
                 ex is not None
-                and not ex.done
+                and ex.phase is not DONE
                 and ex.route is not None
                 and ex.version is not None
                 and ex.route.name == service

@@ -27,12 +27,20 @@ from proxy.codec.flow import (
     set_write_limits,
 )
 from proxy.errors import Failure
+from proxy.http.context import (
+    ANSWERED,
+    CLIENT_ABORT,
+    CUT,
+    DONE,
+    DRAIN_CUT,
+    RESPONDING,
+    ConnectionContext,
+)
 from proxy.http.exchange import NEVER, Exchange
 from proxy.http.tunnel import Tunnel
 from proxy.http.upstream_head import ForwardingCache
 
 if TYPE_CHECKING:
-    from proxy.http.plane import DataPlane
     from proxy.upstream.connection import UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -98,7 +106,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "write_blocked",
     )
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: ConnectionContext[DownstreamProtocol]) -> None:
         self.plane = plane
         self.settings = plane.table.settings
         self.transport: asyncio.Transport | None = None
@@ -224,7 +232,7 @@ class DownstreamProtocol(asyncio.Protocol):
         active = self.active
         if active is None and self.parsing is None:
             return None
-        if active is not None and not active.done:
+        if active is not None and active.phase is not DONE:
             # A client that leaves cancels its exchange (what nginx logs as 499), before or
             # after its answer started: returning None closes the transport, and
             # connection_lost frees the upstream connection and counts a client abort. Kept
@@ -246,11 +254,10 @@ class DownstreamProtocol(asyncio.Protocol):
             self.tunnel = None
             tunnel.client_lost()
         active = self.active
-        if active is not None and not active.done:
-            active._drop_upstream()
-            active.settle_client_abort()
+        if active is not None and active.phase is not DONE:
+            active.end(CLIENT_ABORT)
         for queued in self.pipeline:
-            queued.done = True
+            queued.end(CLIENT_ABORT)  # never placed: nothing to count
         self.pipeline.clear()
         self.active = None
         if self.plane.draining:
@@ -342,6 +349,12 @@ class DownstreamProtocol(asyncio.Protocol):
         if failure is not None:
             self._reject(failure, ex)
             raise _StopParsing
+        host = ex.host
+        if host is not None:
+            if host != self.host_raw:  # a keep-alive client sends the same Host every time
+                self.host_name = wire.split_host_port(host)
+                self.host_raw = host
+            ex.hostname = self.host_name
         if self.active is None:
             self.active = ex
             ex.start()
@@ -447,23 +460,22 @@ class DownstreamProtocol(asyncio.Protocol):
         if ex is not self.active:
             ex.failure = failure
             return
-        if ex.response_started:
+        if ex.phase is RESPONDING:
             self.abort(ex, None)  # the client's fault, not the version's
             return
-        ex._drop_upstream()
         self.answer(ex, failure)
 
     def answer(self, ex: Exchange, failure: Failure) -> None:
         """Answer `ex` ourselves. Without its whole body read, the connection must close."""
-        if ex.done:
+        phase = ex.phase
+        if phase is DONE:
             return
-        if ex.response_started:
+        if phase is RESPONDING:
             # Part of the upstream's answer is out: the only honest end is a cut connection.
             # Only the client's faults (bad framing, a stalled or oversized body) come here once
             # the response started: a client outcome, never a 5xx for the version.
             self.abort(ex, failure.status if failure.status >= 500 else None)
             return
-        ex._drop_upstream()
         close = (
             ex.close_after
             or ex.body_unread()
@@ -473,12 +485,15 @@ class DownstreamProtocol(asyncio.Protocol):
             or self.plane.draining
         )
         ex.close_after = close
-        self.write(wire.local_answer(failure.status, close=close, head_only=ex.method == b"HEAD"))
-        self.finish(ex, failure.status)
+        answer = wire.local_answer(failure.status, close=close, head_only=ex.method == b"HEAD")
+        self.finish(ex, failure.status, answer)
 
-    def finish(self, ex: Exchange, status: int) -> None:
-        """`ex` has been answered in full: record it and move to the next request."""
-        now = ex.settle(status)
+    def finish(self, ex: Exchange, status: int, answer: bytes = b"") -> None:
+        """`ex` has been answered in full (`answer`: the local answer still to write, after
+        its upstream side is gone): end it and move to the next request."""
+        now = ex.end(ANSWERED, status)
+        if answer:
+            self.write(answer)
         if ex is not self.active:
             return
         self.active = None
@@ -509,7 +524,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def start_tunnel(self, ex: Exchange, conn: UpstreamConnection) -> None:
         """The upstream switched protocols: from now on bytes flow both ways untouched."""
         self._disarm()
-        ex.settle_upgraded()
+        ex.upgraded()
         tunnel = Tunnel(self, conn, ex.stats, ex.started_at, self.settings.idle_timeout)
         ex.tunnel = tunnel
         self.tunnel = tunnel
@@ -593,11 +608,11 @@ class DownstreamProtocol(asyncio.Protocol):
         """End the connection without a clean end of message (the response is cut), with a
         reset. `status` is the outcome recorded for `ex`; None: the client caused the cut, which
         counts as a client abort and never against the version."""
-        ex._drop_upstream()
-        if not ex.done:
-            if status is None and ex.stats is not None:
-                ex.stats.client_aborts += 1
-            ex.settle(status)
+        if ex.phase is not DONE:
+            if status is None:
+                ex.end(CLIENT_ABORT)
+            else:
+                ex.end(CUT, status)
         self.closing = True
         self.active = None
         if self.transport is not None:
@@ -615,12 +630,9 @@ class DownstreamProtocol(asyncio.Protocol):
         """Abort this connection; its unfinished request (if placed) is counted as cut."""
         cut = 0
         active = self.active
-        if active is not None and not active.done:
-            if active.stats is not None:
-                active.stats.drain_cut += 1
+        if active is not None and active.phase is not DONE:
             cut = 1
-            active._drop_upstream()
-            active.settle(None)
+            active.end(DRAIN_CUT)
         self.closing = True
         self.active = None
         tunnel = self.tunnel
@@ -656,9 +668,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self._timed_out()
         active = self.active
         if active is not None:
-            if active.response_started:
-                if not active.done:
-                    active.check_stream(now, self.settings.idle_timeout, self.write_blocked)
+            if active.phase is RESPONDING:
+                active.check_stream(now, self.settings.idle_timeout, self.write_blocked)
             elif active.response_deadline <= now:
                 active.response_timed_out()
 
