@@ -132,7 +132,7 @@ class ControlPlane:
                 previous = state.previous_weights.get(name)
                 if previous is not None and validate_weights(service, previous) is None:
                     self.previous_weights[name] = dict(previous)
-        self.state_entries_skipped += self.rollouts.load(state.rollouts)
+        self.state_entries_skipped += self.rollouts.runs.load(state.rollouts)
         self.install()
         await self.rollouts.restored()
 
@@ -142,7 +142,7 @@ class ControlPlane:
             file_weights=self.file_weights,
             previous_weights=self.previous_weights,
             events=[event.to_json() for event in self.events.since(0)],
-            rollouts=self.rollouts.saved(),
+            rollouts=self.rollouts.runs.saved(),
         )
 
     # -- reading ----------------------------------------------------------------------------------
@@ -558,7 +558,7 @@ class ControlPlane:
         return {
             "weights": self.weights,
             "previous_weights": self.previous_weights,
-            "rollouts": self.rollouts.saved(),
+            "rollouts": self.rollouts.runs.saved(),
         }
 
     async def apply_fleet(self, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -593,7 +593,7 @@ class ControlPlane:
                     and validate_weights(services[name], undo) is None
                 ):
                     previous[name] = undo
-            before = self.rollouts.adopt(mapping_of(state.get("rollouts")), behind)
+            before = self.rollouts.runs.adopt(mapping_of(state.get("rollouts")), services, behind)
             self.config_behind = behind
             self.previous_weights = previous
             if weights != self.weights:

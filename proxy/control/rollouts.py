@@ -8,15 +8,20 @@ it; the control plane never imports that module.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from proxy.config.model import Config
 from proxy.control.weights import Weights
+from proxy.rollout.runs import Runs
 
 
 class Rollouts(Protocol):
     """Every service's rollout, as the control plane sees them."""
+
+    # The runs, saved with the rest of the runtime state, and put back from a state file or
+    # the fleet's store.
+    runs: Runs
 
     def status(self, service: str) -> dict[str, Any] | None:
         """The rollout part of GET /status; None without a rollout block."""
@@ -52,20 +57,6 @@ class Rollouts(Protocol):
     def fleet_changed(self, before: Mapping[str, Any] | None = None) -> None:
         """The fleet's state was applied (`before`: the runs it replaced), or this member's
         leadership changed (None)."""
-        ...
-
-    def saved(self) -> dict[str, dict[str, Any]]:
-        """The runs as plain JSON, per service (the state file's and the fleet's `rollouts`)."""
-        ...
-
-    def load(self, saved: Mapping[str, Any]) -> int:
-        """The runs of a state file; returns how many entries were unreadable and skipped."""
-        ...
-
-    def adopt(self, runs: Mapping[str, Any], behind: Collection[str]) -> dict[str, Any]:
-        """The fleet's runs of this config's services, but for those `behind` (this member's
-        config cannot take the fleet's state for them: they keep their own); returns the runs
-        as they were before."""
         ...
 
     async def shutdown(self) -> None:

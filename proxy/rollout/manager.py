@@ -7,9 +7,9 @@ event and state-file write as a switch. Webhook and pre-switch I/O happens outsi
 a person's `pause` or `abort` never waits for a slow hook; a result that comes back after the
 rollout changed under it is dropped.
 
-The manager owns every run's state, as plain JSON: the control plane saves it with the rest of
-the runtime state (`saved`, `load`, `adopt`), so the state file carries it and a restart resumes
-the phase and step it stopped at. It sees the control plane only through `port.ControlPort`.
+The manager owns every run's state (`runs`, plain JSON): the control plane saves it with the rest
+of the runtime state, so the state file carries it and a restart resumes the phase and step it
+stopped at. It sees the control plane only through `port.ControlPort`.
 """
 
 from __future__ import annotations
@@ -18,31 +18,31 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from proxy.config.model import Config
-from proxy.config.rollout import BlueGreenRollout, CanaryRollout
 from proxy.config.service import ServiceConfig
 from proxy.errors import ControlError
-from proxy.jsonfields import Unreadable, known_fields
-from proxy.metrics import StatsSnapshot
 from proxy.rollout import controller, release
-from proxy.rollout.analysis import Measured, analyse, thresholds_of
+from proxy.rollout.edits import edited_during_run
+from proxy.rollout.observe import AnalysisWindows, observe
 from proxy.rollout.port import ControlPort
 from proxy.rollout.release import roles
+from proxy.rollout.runs import Runs
+from proxy.rollout.status import rollout_status
 from proxy.rollout.values import (
     RUNNING,
     TICKING,
     CheckResult,
-    Observation,
     Outcome,
     Rollout,
     RolloutState,
     TransitionRefused,
     Weights,
 )
-from proxy.rollout.webhooks import bounded_hooks, call_webhooks, pre_switch_checks
+from proxy.rollout.webhooks import base_payload, call_webhooks
 
 log = logging.getLogger("laneswitch.rollout")
 
@@ -58,67 +58,26 @@ class RolloutManager:
 
     def __init__(self, control: ControlPort) -> None:
         self.control = control
-        self._runs: dict[str, dict[str, Any]] = {}  # per service, as RolloutState.to_json()
+        self.runs = Runs()  # saved by the control plane with the rest of the runtime state
         self.rollbacks: Counter[tuple[str, str]] = Counter()  # (service, reason) -> count
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        # Start of the window the next analysis judges: (Unix time, candidate's counters,
-        # baseline's counters).
-        self._marks: dict[str, tuple[float, StatsSnapshot, StatsSnapshot]] = {}
+        self.windows = AnalysisWindows(control)
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False  # the graceful stop began: no timer runs again
 
     # -- reading ----------------------------------------------------------------------------------
 
     def state(self, service: str) -> RolloutState:
-        return RolloutState.from_json(self._runs.get(service, {}))
+        return self.runs.state(service)
 
     def status(self, service: str) -> dict[str, Any] | None:
         """The rollout part of GET /status; None without a rollout block."""
-        config = self.control.config.services[service]
-        rollout = config.rollout
+        rollout = self.control.config.services[service].rollout
         if rollout is None:
             return None
-        state = self.state(service)
-        candidate, baseline = roles(rollout)
-        result: dict[str, Any] = {
-            "strategy": rollout.strategy,
-            "phase": state.phase,
-            "candidate": candidate,
-            "baseline": baseline,
-            "step": state.step,
-            "steps": release.step_count(rollout),
-            "weight": round(self.control.share(service, candidate), 4),
-            "failed_checks": state.failed_checks,
-            "threshold": rollout.threshold,
-            "interval": rollout.interval,
-            "min_requests": rollout.min_requests,
-            # What every interval is judged against (the console draws them on its charts).
-            "thresholds": thresholds_of(rollout.metrics, rollout.min_requests),
-            "reason": state.reason,
-            "started_at": state.started_at,
-            "step_at": state.step_at,
-            "holding_since": state.holding_since,
-            "awaiting_promotion": state.awaiting_promotion,
-            "last_analysis": state.last_analysis,
-            "last_decision": state.last_decision,
-        }
-        if isinstance(rollout, CanaryRollout):
-            result.update(
-                canary=rollout.canary,
-                stable=rollout.stable,
-                step_weights=rollout.steps(),
-                promotion=rollout.promotion,
-                progress_deadline=rollout.progress_deadline,
-            )
-        else:
-            result.update(
-                active=rollout.active,
-                preview=rollout.preview,
-                bake_time=rollout.bake_time,
-                baseline_success_rate=state.baseline_rate,
-            )
-        return result
+        candidate, _ = roles(rollout)
+        return rollout_status(rollout, self.state(service), self.control.share(service, candidate))
 
     def rollback_target(self, service: str) -> str | None:
         """After a promotion, the version that had the traffic before it."""
@@ -236,43 +195,7 @@ class RolloutManager:
             state.phase = "rolled_back"
             state.reason = f"rolled back by {actor}"
             state.paused_from = None
-            self._store(service, state)  # saved with the rollback's own event
-
-    # -- the runs' state, saved by the control plane --------------------------------------------
-
-    def saved(self) -> dict[str, dict[str, Any]]:
-        """The runs as plain JSON, per service (the state file's and the fleet's `rollouts`)."""
-        return self._runs
-
-    def load(self, saved: Mapping[str, Any]) -> int:
-        """The runs of a state file; returns how many entries were unreadable and skipped."""
-        self._runs = {}
-        skipped = 0
-        for name, entry in saved.items():
-            try:
-                # Only the fields this version knows, each of its type (see RolloutState).
-                self._runs[name] = known_fields(RolloutState, entry)
-            except Unreadable as exc:
-                skipped += 1
-                log.warning("state file: rollouts.%s skipped: %s", name, exc)
-        return skipped
-
-    def adopt(self, runs: Mapping[str, Any], behind: Collection[str]) -> dict[str, Any]:
-        """The fleet's runs of this config's services, but for those `behind` (this member's
-        config cannot take the fleet's state for them: they keep their own); returns the runs
-        as they were before."""
-        before = self._runs
-        services = self.control.config.services
-        adopted = {
-            name: dict(value)
-            for name, value in runs.items()
-            if name in services and name not in behind and isinstance(value, dict)
-        }
-        for name in behind:
-            if name in before:
-                adopted[name] = before[name]
-        self._runs = adopted
-        return before
+            self.runs.store(service, state)  # saved with the rollback's own event
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -283,9 +206,7 @@ class RolloutManager:
         new run from weight 0, exactly as a reload would start one (SPEC §6): the saved step's
         weight was earned by the old build, never by this one."""
         services = self.control.config.services
-        for name in list(self._runs):
-            if name not in services or services[name].rollout is None:
-                del self._runs[name]
+        self.runs.keep(name for name, service in services.items() if service.rollout is not None)
         superseded: list[tuple[str, str]] = []
         for name, service in services.items():
             rollout = service.rollout
@@ -299,7 +220,7 @@ class RolloutManager:
                 state.phase = "aborted"
                 state.paused_from = None
                 state.reason = "the rollout's roles changed while the proxy was down"
-                self._store(name, state)
+                self.runs.store(name, state)
                 log.warning("%s: %s", name, state.reason)
                 continue
             change = release.describe_change(
@@ -331,7 +252,7 @@ class RolloutManager:
             if service.rollout is None or state.phase not in TICKING or not deciding:
                 self._stop_task(name)
                 continue
-            changed = before is not None and before.get(name) != self._runs.get(name)
+            changed = before is not None and before.get(name) != self.runs.saved().get(name)
             if name not in self._tasks or changed:
                 # Step 0 (hooks before any traffic) goes on at once; a step holds its interval.
                 self._run(name, immediate=state.step == 0)
@@ -344,11 +265,8 @@ class RolloutManager:
         run, and name the services whose candidate got a new revision or endpoints (the caller
         starts them, with the reason, once the control plane's lock is released)."""
         starts: list[tuple[str, str]] = []
-        for name in list(self._runs):
-            service = new.services.get(name)
-            if service is None or service.rollout is None:
-                self._stop_task(name)
-                del self._runs[name]
+        for name in self.runs.keep(n for n, s in new.services.items() if s.rollout is not None):
+            self._stop_task(name)
         for name, service in new.services.items():
             rollout = service.rollout
             before = old.services.get(name)
@@ -362,7 +280,7 @@ class RolloutManager:
                     self._stop_task(name)
                     state.phase = "aborted"
                     state.reason = "the rollout's roles changed in a reload"
-                    self._store(name, state)
+                    self.runs.store(name, state)
                 continue
             change = release.describe_change(
                 release.fingerprint(before, before.rollout),
@@ -371,95 +289,27 @@ class RolloutManager:
             if change is not None:
                 starts.append((name, f"{change} in the config"))
             elif self.control.backend.deciding():  # in a fleet, the leader's run is the one
-                self._edited_during_run(name, weights_before.get(name), before, service)
+                self._edited(name, before, service, weights_before.get(name))
         return starts
 
-    def _edited_during_run(
-        self,
-        name: str,
-        weights_before: Mapping[str, int] | None,
-        old: ServiceConfig,
-        new: ServiceConfig,
+    def _edited(
+        self, name: str, old: ServiceConfig, new: ServiceConfig, weights_before: Weights | None
     ) -> None:
-        """A reload edited the file's weights or the canary's steps of a run that goes on
-        (same release). Neither is left for the next tick to undo or misread:
-        - new file weights are a person's change, like a `weights` call: they apply and the
-          run pauses, so its next step does not override them (`resume` hands back);
-        - new steps send the run back to step 1 of them, as Argo Rollouts restarts its steps
-          when they change: a shortened list never skips to a promotion the canary did not
-          reach, a longer one never skips a weight."""
-        state = self.state(name)
-        rollout = new.rollout
-        if rollout is None or state.phase not in RUNNING:
+        """A reload edited the file's weights or the steps of a run that goes on (see
+        `edits.edited_during_run`): its events, weights and state."""
+        weights = self.control.weights[name]
+        edit = edited_during_run(self.state(name), old, new, weights, weights_before, time.time())
+        if edit is None:
             return
-        old_steps = old.rollout.steps() if isinstance(old.rollout, CanaryRollout) else None
-        new_steps = rollout.steps() if isinstance(rollout, CanaryRollout) else None
-        file_moved = old.file_weights() != new.file_weights()
-        steps_moved = new_steps is not None and old_steps != new_steps and state.step >= 1
-        if not file_moved and not steps_moved:
-            return  # e.g. a new interval or threshold: the next tick uses it
-        now = time.time()
-        weights = dict(self.control.weights[name])
-        record = self.control.events.record
-        said = []
-        if file_moved:
-            record(
-                "config",
-                "weights",
-                name,
-                from_=dict(weights_before) if weights_before is not None else None,
-                to=weights,
-                reason="the file's weights changed in a reload during the rollout",
-            )
-            if state.phase in TICKING:
-                reason = (
-                    "paused: the file's weights changed in a reload (resume to let the "
-                    "rollout set weights again)"
-                )
-                record("config", "pause", name, from_=state.phase, to="paused", reason=reason)
-                state.paused_from, state.phase, state.reason = state.phase, "paused", reason
-                state.last_decision = {"action": "pause", "reason": reason, "time": now}
-                said.append(reason)
-        if steps_moved and new_steps is not None:
-            candidate, baseline = roles(rollout)
-            state.step, state.step_at, state.holding_since = 1, now, None
-            state.awaiting_promotion = False
-            if state.phase == "promoting":
-                state.phase = "progressing"
-            if state.paused_from == "promoting":
-                state.paused_from = "progressing"
-            reason = (
-                f"step_weights changed in a reload ({_percents(old_steps)} -> "
-                f"{_percents(new_steps)}): back to step 1 of {len(new_steps)}"
-            )
-            target = weights
-            if not file_moved:  # the file's own weights, just applied, stay while paused
-                units = release.percent_units(new, new_steps[0])
-                target = release.weights_with(new, weights, candidate, baseline, units)
-                reason += f", {candidate} to {new_steps[0]:g}%"
-                self.control.weights[name] = target
-            record(
-                "config",
-                "step",
-                name,
-                from_=weights,
-                to=target,
-                reason=reason,
-                values={
-                    "step": 1,
-                    "weight_percent": new_steps[0],
-                    "steps": new_steps,
-                    "steps_before": old_steps,
-                },
-            )
-            if not file_moved:
-                state.last_decision = {"action": "step", "reason": reason, "time": now}
-            said.append(reason)
-        self._store(name, state)
-        log.warning("%s: %s", name, "; ".join(said) or "the file's weights changed")
+        for action, fields in edit.events:
+            self.control.events.record("config", action, name, **fields)
+        if edit.weights is not None:
+            self.control.weights[name] = edit.weights
+        self.runs.store(name, edit.state)
+        log.warning("%s: %s", name, "; ".join(edit.said) or "the file's weights changed")
         # The interval starts again at what is in force now (the caller installs it).
         self._stop_task(name)
-        if state.phase in TICKING:
+        if edit.state.phase in TICKING:
             self._run(name, immediate=False)
 
     async def shutdown(self) -> None:
@@ -486,7 +336,7 @@ class RolloutManager:
         self._stop_task(service)
         if self._closed or not self.control.backend.deciding():
             return  # in a fleet, only the leader runs the timers
-        self._mark(service)
+        self.windows.mark(service)
         task = asyncio.get_running_loop().create_task(
             self._loop(service, immediate), name=f"rollout-{service}"
         )
@@ -533,29 +383,7 @@ class RolloutManager:
         if state.phase not in TICKING:
             return None
         needs = controller.needs(state, rollout, timer=timer)
-        candidate, baseline = roles(rollout)
-        since: float | None = None
-        analysis = None
-        if needs.analysis:
-            since, analysis = await self._analyse(service, rollout, state)
-        base = self._payload(service, service_config, rollout, state)
-        checks: list[CheckResult] = []
-        confirm: list[CheckResult] | None = None
-        if not controller.rolls_back_on(state, rollout, analysis):
-            # Every gating call is bounded by the interval, whatever the hooks' own timeouts
-            # and retries add up to: a hook that never answers delays a decision by one
-            # interval at most, and counts as a failed check.
-            bound = rollout.interval
-            for kind in needs.hooks:
-                checks += await bounded_hooks(rollout.webhooks, kind, base, bound)
-            if needs.pre_switch and isinstance(rollout, BlueGreenRollout):
-                endpoints = service_config.versions[candidate].endpoints
-                checks += await pre_switch_checks(rollout.pre_switch, endpoints)
-            if needs.confirm:
-                confirm = await bounded_hooks(rollout.webhooks, "confirm-promotion", base, bound)
-        baseline_rate = None
-        if isinstance(rollout, BlueGreenRollout) and state.step == 0:
-            baseline_rate = Measured.of(self.control.window.delta(service, baseline)).success_rate
+        observed = await observe(self.control, self.windows, service, service_config, state, needs)
         async with self._lock(service):
             now_config = self.control.config.services.get(service)
             current = self.state(service)
@@ -568,16 +396,9 @@ class RolloutManager:
                 return None  # changed under us: whoever changed it runs the rollout now
             if not self.control.backend.deciding():
                 return None  # lost the fleet's lease during the I/O: the next leader decides
-            for check in [*checks, *(confirm or [])]:
+            for check in [*observed.checks, *(observed.confirm or ())]:
                 self._record_check(service, check)
-            observation = Observation(
-                now=time.time(),
-                since=since,
-                analysis=analysis,
-                checks=tuple(checks),
-                confirm=tuple(confirm) if confirm is not None else None,
-                baseline_rate=baseline_rate,
-            )
+            observation = replace(observed, now=time.time())
             outcome = controller.tick(
                 current, now_config.rollout, now_config, self.control.weights[service], observation
             )
@@ -585,48 +406,6 @@ class RolloutManager:
         if outcome.again:
             return True
         return False if outcome.state.phase in TICKING else None
-
-    async def _analyse(
-        self, service: str, rollout: Rollout, state: RolloutState
-    ) -> tuple[float, Any]:
-        candidate, baseline = roles(rollout)
-        fleet = await self.control.backend.window(service, (candidate, baseline))
-        if fleet is not None:  # the fleet's summed counters
-            since, (candidate_window, baseline_window) = fleet
-        else:
-            stats = self.control.stats
-            now_candidate = stats.peek(service, candidate).snapshot()
-            now_baseline = stats.peek(service, baseline).snapshot()
-            since, then_candidate, then_baseline = self._marks.get(
-                service, (time.time(), now_candidate, now_baseline)
-            )
-            self._marks[service] = (time.time(), now_candidate, now_baseline)
-            candidate_window = now_candidate - then_candidate
-            baseline_window = now_baseline - then_baseline
-        baseline_rate = None
-        if isinstance(rollout, BlueGreenRollout) and state.step >= 1:
-            baseline_rate = state.baseline_rate
-        analysis = analyse(
-            Measured.of(candidate_window),
-            Measured.of(baseline_window),
-            rollout.metrics,
-            rollout.min_requests,
-            baseline_rate=baseline_rate,
-        )
-        return since, analysis
-
-    def _mark(self, service: str) -> None:
-        rollout = self.control.config.services[service].rollout
-        if rollout is None:
-            return
-        candidate, baseline = roles(rollout)
-        stats = self.control.stats
-        self.control.backend.mark(service)
-        self._marks[service] = (
-            time.time(),
-            stats.peek(service, candidate).snapshot(),
-            stats.peek(service, baseline).snapshot(),
-        )
 
     # -- carrying decisions out -------------------------------------------------------------------
 
@@ -636,7 +415,7 @@ class RolloutManager:
         """Apply each decision with the new state (state, weights, event, state file), or
         without one, store the new state alone (it moves no traffic)."""
         if not outcome.decisions:
-            self._store(service, outcome.state)
+            self.runs.store(service, outcome.state)
             return
         phases = (before.phase, outcome.state.phase)
         decided_from = before
@@ -645,7 +424,7 @@ class RolloutManager:
             # Under the control plane's lock: the run must still be the one decided on.
             if self.state(service) != decided_from:
                 return False
-            self._store(service, outcome.state)
+            self.runs.store(service, outcome.state)
             return True
 
         for decision in outcome.decisions:
@@ -664,7 +443,7 @@ class RolloutManager:
                 return
             decided_from = outcome.state
             if decision.weights is not None:
-                self._mark(service)
+                self.windows.mark(service)
             if decision.rollback is not None:
                 self.rollbacks[(service, decision.rollback)] += 1
             if decision.notify is not None:
@@ -672,16 +451,15 @@ class RolloutManager:
             level = logging.WARNING if decision.action in ("rollback", "pause") else logging.INFO
             log.log(level, "%s: %s: %s", service, decision.action, decision.reason)
 
-    def _store(self, service: str, state: RolloutState) -> None:
-        self._runs[service] = state.to_json()
-
     def _notify(self, service: str, kind: str, state: RolloutState) -> None:
         """Call the non-gating hooks of `kind` in the background; their verdicts are events."""
         config = self.control.config.services[service]
         rollout = config.rollout
         if rollout is None or not any(hook.type == kind for hook in rollout.webhooks):
             return
-        base = self._payload(service, config, rollout, state)
+        candidate, _ = roles(rollout)
+        weight = self.control.share(service, candidate)
+        base = base_payload(service, config, rollout, state, weight)
 
         async def call() -> None:
             results = await call_webhooks(rollout.webhooks, kind, base)
@@ -704,28 +482,6 @@ class RolloutManager:
             values=check.to_json(),
         )
 
-    def _payload(
-        self, service: str, config: ServiceConfig, rollout: Rollout, state: RolloutState
-    ) -> dict[str, Any]:
-        candidate, baseline = roles(rollout)
-        revision = config.versions[candidate].revision
-        return {
-            # Flagger's fields, so hooks written for Flagger (e.g. its load tester) work.
-            "name": service,
-            "namespace": "laneswitch",
-            "phase": state.phase,
-            "checksum": revision or "",
-            # laneswitch's own.
-            "service": service,
-            "strategy": rollout.strategy,
-            "candidate": candidate,
-            "baseline": baseline,
-            "revision": revision,
-            "step": state.step,
-            "weight": round(self.control.share(service, candidate), 4),
-            "failed_checks": state.failed_checks,
-        }
-
     # -- helpers ----------------------------------------------------------------------------------
 
     def _config(self, service: str) -> tuple[ServiceConfig, Rollout]:
@@ -738,7 +494,3 @@ class RolloutManager:
         if lock is None:
             lock = self._locks[service] = asyncio.Lock()
         return lock
-
-
-def _percents(steps: list[float] | None) -> str:
-    return ", ".join(f"{step:g}%" for step in steps or [])

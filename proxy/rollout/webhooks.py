@@ -18,7 +18,9 @@ from typing import Any
 import aiohttp
 
 from proxy.config.rollout import PreSwitchCheck, Webhook
-from proxy.rollout.values import CheckResult
+from proxy.config.service import ServiceConfig
+from proxy.rollout.release import roles
+from proxy.rollout.values import CheckResult, Rollout, RolloutState
 
 # Pause between two attempts of a webhook: long enough not to hammer a hook that is restarting.
 RETRY_PAUSE = 0.2
@@ -169,3 +171,28 @@ async def _pre_switch(
     ok = status == check.expect_status
     detail = "" if ok else f"HTTP {status}, expected {check.expect_status}"
     return CheckResult(name, "pre-switch", ok, status, 1, detail, time.monotonic() - began)
+
+
+def base_payload(
+    service: str, config: ServiceConfig, rollout: Rollout, state: RolloutState, weight: float
+) -> dict[str, Any]:
+    """The fields every webhook of a run gets, before `payload` adds the hook's own (the
+    candidate has `weight` percent of the traffic)."""
+    candidate, baseline = roles(rollout)
+    revision = config.versions[candidate].revision
+    return {
+        # Flagger's fields, so hooks written for Flagger (e.g. its load tester) work.
+        "name": service,
+        "namespace": "laneswitch",
+        "phase": state.phase,
+        "checksum": revision or "",
+        # laneswitch's own.
+        "service": service,
+        "strategy": rollout.strategy,
+        "candidate": candidate,
+        "baseline": baseline,
+        "revision": revision,
+        "step": state.step,
+        "weight": round(weight, 4),
+        "failed_checks": state.failed_checks,
+    }

@@ -22,7 +22,6 @@ KNOWN_OVERSIZED = [
     "proxy/control/plane.py",
     "proxy/http/exchange.py",
     "proxy/http/protocol.py",
-    "proxy/rollout/manager.py",
 ]
 
 
