@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from proxy.fleet.store import FleetStore
-from tests.helpers import Fleet, Member, RedisServer, Traffic, admin_call, running_fleet
+from tests.helpers import Fleet, Member, Traffic, admin_call, running_fleet
 
 HALF = {"blue": 50, "green": 50}
 GREEN = {"blue": 0, "green": 100}
@@ -67,8 +67,7 @@ async def test_the_store_stopped_under_load_and_restarted_empty(fleet: Fleet) ->
         assert weights(await status(a)) == HALF  # applied here at once
         assert weights(await status(b)) == GREEN  # b cannot know yet
         await asyncio.sleep(0.5)
-        restarted = await RedisServer(port=fleet.redis.port).start()  # empty
-        fleet.redis = restarted
+        await fleet.redis.start()  # the same port, empty; the fixture stops it at the end
         async with asyncio.timeout(4 + 2):  # 2 x lease, and a margin for a loaded machine
             while weights(await status(b)) != HALF:
                 await asyncio.sleep(0.05)
