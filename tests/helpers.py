@@ -168,6 +168,27 @@ class RecordingUpstream:
                 await asyncio.wait_for(self.server.wait_closed(), 1)
 
 
+class Upstreams:
+    """The recording upstreams one test starts (the `upstreams` fixture stops them all at its
+    end, whatever happened)."""
+
+    def __init__(self) -> None:
+        self.started: list[RecordingUpstream] = []
+
+    async def start(
+        self, name: str = "upstream", responder: Responder | None = None
+    ) -> RecordingUpstream:
+        upstream = (
+            RecordingUpstream(name) if responder is None else RecordingUpstream(name, responder)
+        )
+        self.started.append(upstream)
+        return await upstream.start()
+
+    async def stop(self) -> None:
+        for upstream in self.started:
+            await upstream.stop()
+
+
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -370,15 +391,18 @@ class Client:
         return await self.response(head_request)
 
     async def closed(self, timeout: float = 5.0) -> bool:
-        """True once the proxy has closed the connection (reads EOF), draining what is left."""
+        """True once the proxy has closed the connection (reads EOF), draining what is left;
+        then this side is closed too."""
         async with asyncio.timeout(timeout):
             while True:
                 try:
                     data = await self.reader.read(65536)
                 except ConnectionResetError:
-                    return True
+                    break
                 if not data:
-                    return True
+                    break
+        self.writer.close()
+        return True
 
     async def close(self) -> None:
         self.writer.close()
