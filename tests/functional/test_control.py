@@ -17,7 +17,7 @@ import pytest
 from proxy.config.loader import parse_config
 from proxy.errors import ControlError
 from proxy.server import Server
-from tests.helpers import Client, RecordingUpstream, get, ok_response, raw_upstream
+from tests.helpers import Client, Upstreams, get, ok_response, raw_upstream
 
 
 def config_text(blue: str, green: str, blue_weight: int = 100, extra: str = "") -> str:
@@ -94,10 +94,10 @@ async def new_connection_client(
 
 
 async def test_switches_weights_rollbacks_and_reloads_under_load_fail_nothing(
-    tmp_path: Path,
+    tmp_path: Path, upstreams: Upstreams
 ) -> None:
-    blue = await RecordingUpstream("blue").start()
-    green = await RecordingUpstream("green").start()
+    blue = await upstreams.start("blue")
+    green = await upstreams.start("green")
     path = tmp_path / "laneswitch.yaml"
     path.write_text(config_text(blue.endpoint, green.endpoint))
     result = LoadResult()
@@ -139,8 +139,6 @@ async def test_switches_weights_rollbacks_and_reloads_under_load_fail_nothing(
     assert set(received.values()) == {1}, "a request reached an upstream twice"
     assert set(received) == set(result.sent_ids)
     assert blue.requests and green.requests
-    await blue.stop()
-    await green.stop()
 
 
 async def slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -156,8 +154,10 @@ async def slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         await writer.drain()
 
 
-async def test_stream_in_flight_during_a_switch_completes_on_its_version(tmp_path: Path) -> None:
-    green = await RecordingUpstream("green").start()
+async def test_stream_in_flight_during_a_switch_completes_on_its_version(
+    tmp_path: Path, upstreams: Upstreams
+) -> None:
+    green = await upstreams.start("green")
     async with raw_upstream(slow_stream) as blue:
         path = tmp_path / "laneswitch.yaml"
         path.write_text(config_text(blue, green.endpoint))
@@ -176,11 +176,13 @@ async def test_stream_in_flight_during_a_switch_completes_on_its_version(tmp_pat
             stats = server.control.stats.get("shop", "blue")
             assert stats.drain_cut == 0
             assert stats.in_flight == 0
-    await green.stop()
+            await client.close()
 
 
-async def test_stream_outliving_the_drain_timeout_is_cut_and_counted(tmp_path: Path) -> None:
-    green = await RecordingUpstream("green").start()
+async def test_stream_outliving_the_drain_timeout_is_cut_and_counted(
+    tmp_path: Path, upstreams: Upstreams
+) -> None:
+    green = await upstreams.start("green")
     async with raw_upstream(slow_stream) as blue:
         path = tmp_path / "laneswitch.yaml"
         path.write_text(
@@ -198,7 +200,6 @@ async def test_stream_outliving_the_drain_timeout_is_cut_and_counted(tmp_path: P
             assert not response.complete  # cut, never a fake clean end
             assert 0.4 < cut_after < 1.5
             assert server.control.stats.get("shop", "blue").drain_cut == 1
-    await green.stop()
 
 
 BAD_CONFIGS = {
@@ -214,9 +215,11 @@ BAD_CONFIGS = {
 
 
 @pytest.mark.parametrize("kind", list(BAD_CONFIGS))
-async def test_invalid_reload_changes_nothing_and_is_visible(tmp_path: Path, kind: str) -> None:
-    blue = await RecordingUpstream("blue").start()
-    green = await RecordingUpstream("green").start()
+async def test_invalid_reload_changes_nothing_and_is_visible(
+    tmp_path: Path, kind: str, upstreams: Upstreams
+) -> None:
+    blue = await upstreams.start("blue")
+    green = await upstreams.start("green")
     path = tmp_path / "laneswitch.yaml"
     good = config_text(blue.endpoint, green.endpoint, blue_weight=100)
     path.write_text(good)
@@ -240,8 +243,6 @@ async def test_invalid_reload_changes_nothing_and_is_visible(tmp_path: Path, kin
         assert server.control.weights["shop"] == {"blue": 100, "green": 0}
     assert result.errors == [] and set(result.statuses) == {200}
     assert green.requests == []
-    await blue.stop()
-    await green.stop()
 
 
 async def test_reload_keeps_a_runtime_switch_unless_the_file_weights_change(
@@ -302,9 +303,11 @@ async def test_restart_with_state_file_resumes_the_weights(tmp_path: Path) -> No
         assert shares == {"blue": 25, "green": 75}
 
 
-async def test_weights_in_force_are_the_table_the_data_plane_reads(tmp_path: Path) -> None:
-    blue = await RecordingUpstream("blue", responder=lambda r: ok_response(b"blue")).start()
-    green = await RecordingUpstream("green", responder=lambda r: ok_response(b"green")).start()
+async def test_weights_in_force_are_the_table_the_data_plane_reads(
+    tmp_path: Path, upstreams: Upstreams
+) -> None:
+    blue = await upstreams.start("blue", responder=lambda r: ok_response(b"blue"))
+    green = await upstreams.start("green", responder=lambda r: ok_response(b"green"))
     path = tmp_path / "laneswitch.yaml"
     path.write_text(config_text(blue.endpoint, green.endpoint, 100))
     async with server_from_file(path) as server:
@@ -316,12 +319,10 @@ async def test_weights_in_force_are_the_table_the_data_plane_reads(tmp_path: Pat
         bodies = Counter([(await client.request(get())).body for _ in range(10)])
         assert bodies == {b"blue": 10}
         await client.close()
-    await blue.stop()
-    await green.stop()
 
 
 async def test_unhealthy_version_refuses_a_switch_and_gets_503_when_forced(
-    tmp_path: Path,
+    tmp_path: Path, upstreams: Upstreams
 ) -> None:
     def blue_respond(request):  # type: ignore[no-untyped-def]
         return ok_response(b"blue")
@@ -331,8 +332,8 @@ async def test_unhealthy_version_refuses_a_switch_and_gets_503_when_forced(
             return b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
         return ok_response(b"green")
 
-    blue = await RecordingUpstream("blue", responder=blue_respond).start()
-    green = await RecordingUpstream("green", responder=green_respond).start()
+    blue = await upstreams.start("blue", responder=blue_respond)
+    green = await upstreams.start("green", responder=green_respond)
     path = tmp_path / "laneswitch.yaml"
     path.write_text(
         config_text(blue.endpoint, green.endpoint, 100)
@@ -354,8 +355,6 @@ async def test_unhealthy_version_refuses_a_switch_and_gets_503_when_forced(
         assert response.header("Retry-After") is not None
         assert not [r for r in green.requests if r.url != b"/healthz"]
         await client.close()
-    await blue.stop()
-    await green.stop()
 
 
 async def test_a_repeated_switch_keeps_the_undo_point(tmp_path: Path) -> None:
