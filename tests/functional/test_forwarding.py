@@ -7,6 +7,7 @@ import asyncio
 from tests.helpers import (
     Client,
     RecordingUpstream,
+    Upstreams,
     get,
     ok_response,
     running_proxy,
@@ -14,9 +15,9 @@ from tests.helpers import (
 )
 
 
-async def test_get_is_forwarded_with_host_and_forwarding_headers() -> None:
-    blue = await RecordingUpstream("blue").start()
-    green = await RecordingUpstream("green").start()
+async def test_get_is_forwarded_with_host_and_forwarding_headers(upstreams: Upstreams) -> None:
+    blue = await upstreams.start("blue")
+    green = await upstreams.start("green")
     async with running_proxy(two_version_config(blue.endpoint, green.endpoint, 100, 0)) as proxy:
         client = await proxy.client()
         response = await client.request(get("/a/b?c=1", extra="X-Request-Id: abc\r\n"))
@@ -33,13 +34,11 @@ async def test_get_is_forwarded_with_host_and_forwarding_headers() -> None:
         assert received.header("X-Request-Id") == b"abc"
         assert green.requests == []
         await client.close()
-    await blue.stop()
-    await green.stop()
 
 
-async def test_keep_alive_reuses_one_upstream_connection() -> None:
-    blue = await RecordingUpstream("blue").start()
-    green = await RecordingUpstream("green").start()
+async def test_keep_alive_reuses_one_upstream_connection(upstreams: Upstreams) -> None:
+    blue = await upstreams.start("blue")
+    green = await upstreams.start("green")
     async with running_proxy(two_version_config(blue.endpoint, green.endpoint, 100, 0)) as proxy:
         client = await proxy.client()
         for _ in range(20):
@@ -50,13 +49,13 @@ async def test_keep_alive_reuses_one_upstream_connection() -> None:
         ids = {r.header("X-Request-Id") for r in blue.requests}
         assert len(ids) == 20  # generated, unique
         await client.close()
-    await blue.stop()
-    await green.stop()
 
 
-async def test_post_body_content_length_and_chunked_reach_upstream_intact() -> None:
-    blue = await RecordingUpstream("blue").start()
-    green = await RecordingUpstream("green").start()
+async def test_post_body_content_length_and_chunked_reach_upstream_intact(
+    upstreams: Upstreams,
+) -> None:
+    blue = await upstreams.start("blue")
+    green = await upstreams.start("green")
     async with running_proxy(two_version_config(blue.endpoint, green.endpoint, 100, 0)) as proxy:
         client = await proxy.client()
         body = b"x" * 200_000
@@ -75,11 +74,11 @@ async def test_post_body_content_length_and_chunked_reach_upstream_intact() -> N
         assert second.body == b"hello world"
         assert second.header("Transfer-Encoding") == b"chunked"
         await client.close()
-    await blue.stop()
-    await green.stop()
 
 
-async def test_chunked_response_is_rechunked_and_pipelined_answers_keep_order() -> None:
+async def test_chunked_response_is_rechunked_and_pipelined_answers_keep_order(
+    upstreams: Upstreams,
+) -> None:
     def respond(request):  # type: ignore[no-untyped-def]
         body = request.url
         return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
@@ -87,8 +86,8 @@ async def test_chunked_response_is_rechunked_and_pipelined_answers_keep_order() 
             body,
         )
 
-    blue = await RecordingUpstream("blue", responder=respond).start()
-    green = await RecordingUpstream("green").start()
+    blue = await upstreams.start("blue", responder=respond)
+    green = await upstreams.start("green")
     async with running_proxy(two_version_config(blue.endpoint, green.endpoint, 100, 0)) as proxy:
         client = await proxy.client()
         await client.send(b"".join(get(f"/{i}") for i in range(10)))
@@ -98,13 +97,11 @@ async def test_chunked_response_is_rechunked_and_pipelined_answers_keep_order() 
             assert response.header("Transfer-Encoding") == b"chunked"
             assert response.body == f"/{i}".encode()
         await client.close()
-    await blue.stop()
-    await green.stop()
 
 
-async def test_weighted_split_is_exact_over_a_cycle() -> None:
-    blue = await RecordingUpstream("blue").start()
-    green = await RecordingUpstream("green").start()
+async def test_weighted_split_is_exact_over_a_cycle(upstreams: Upstreams) -> None:
+    blue = await upstreams.start("blue")
+    green = await upstreams.start("green")
     async with running_proxy(two_version_config(blue.endpoint, green.endpoint, 90, 10)) as proxy:
         client = await proxy.client()
         for _ in range(200):
@@ -114,11 +111,11 @@ async def test_weighted_split_is_exact_over_a_cycle() -> None:
         assert stats.requests == {200: 20}
         assert stats.in_flight == 0
         await client.close()
-    await blue.stop()
-    await green.stop()
 
 
-async def test_head_response_ends_without_body_and_connection_is_reused() -> None:
+async def test_head_response_ends_without_body_and_connection_is_reused(
+    upstreams: Upstreams,
+) -> None:
     blue = await RecordingUpstream(
         "blue",
         responder=lambda r: (
@@ -127,7 +124,7 @@ async def test_head_response_ends_without_body_and_connection_is_reused() -> Non
             else ok_response(b"0123456789")
         ),
     ).start()
-    green = await RecordingUpstream("green").start()
+    green = await upstreams.start("green")
     async with running_proxy(two_version_config(blue.endpoint, green.endpoint, 100, 0)) as proxy:
         client = await proxy.client()
         response = await client.request(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", head_request=True)
@@ -138,12 +135,11 @@ async def test_head_response_ends_without_body_and_connection_is_reused() -> Non
         assert blue.connections == 1
         await client.close()
     await blue.stop()
-    await green.stop()
 
 
-async def test_unknown_service_gets_404_and_keeps_the_connection() -> None:
-    blue = await RecordingUpstream("blue").start()
-    green = await RecordingUpstream("green").start()
+async def test_unknown_service_gets_404_and_keeps_the_connection(upstreams: Upstreams) -> None:
+    blue = await upstreams.start("blue")
+    green = await upstreams.start("green")
     config = two_version_config(blue.endpoint, green.endpoint).replace(
         "    version_header: X-App-Version",
         "    version_header: X-App-Version\n    match: {host: shop.test}",
@@ -155,13 +151,11 @@ async def test_unknown_service_gets_404_and_keeps_the_connection() -> None:
         response = await client.request(get(host="shop.test:8080"))
         assert response.status == 200
         await client.close()
-    await blue.stop()
-    await green.stop()
 
 
-async def test_many_concurrent_clients() -> None:
-    blue = await RecordingUpstream("blue").start()
-    green = await RecordingUpstream("green").start()
+async def test_many_concurrent_clients(upstreams: Upstreams) -> None:
+    blue = await upstreams.start("blue")
+    green = await upstreams.start("green")
     async with running_proxy(two_version_config(blue.endpoint, green.endpoint, 50, 50)) as proxy:
 
         async def one_client() -> int:
@@ -175,15 +169,15 @@ async def test_many_concurrent_clients() -> None:
         results = await asyncio.gather(*(one_client() for _ in range(40)))
         assert sum(results) == 1000
         assert len(blue.requests) + len(green.requests) == 1000
-    await blue.stop()
-    await green.stop()
 
 
-async def test_the_version_header_is_the_proxys_even_when_the_upstream_sends_one() -> None:
+async def test_the_version_header_is_the_proxys_even_when_the_upstream_sends_one(
+    upstreams: Upstreams,
+) -> None:
     blue = await RecordingUpstream(
         "blue", responder=lambda r: ok_response(extra=b"x-app-version: 9.9-from-upstream\r\n")
     ).start()
-    green = await RecordingUpstream("green").start()
+    green = await upstreams.start("green")
     async with running_proxy(two_version_config(blue.endpoint, green.endpoint, 100, 0)) as proxy:
         client = await proxy.client()
         response = await client.request(get())
@@ -191,4 +185,3 @@ async def test_the_version_header_is_the_proxys_even_when_the_upstream_sends_one
         assert versions == [b"blue"]
         await client.close()
     await blue.stop()
-    await green.stop()

@@ -16,9 +16,9 @@ from proxy.http import protocol
 from proxy.routing.build import build_table
 from tests.helpers import (
     Client,
-    RecordingUpstream,
     Response,
     RunningProxy,
+    Upstreams,
     fed_connection,
     get,
     ok_response,
@@ -72,8 +72,10 @@ async def gated_upstream(release: asyncio.Event) -> AsyncIterator[str]:
 # -- finding: reads stay paused after a local answer ---------------------------------------------
 
 
-async def test_502_after_a_whole_body_was_read_keeps_reading_the_connection() -> None:
-    green = await RecordingUpstream("green").start()
+async def test_502_after_a_whole_body_was_read_keeps_reading_the_connection(
+    upstreams: Upstreams,
+) -> None:
+    green = await upstreams.start("green")
     with refused_endpoint() as blue:
         config = two_version_config(blue, green.endpoint, 100, 0, extra_service=ONLY_APP)
         async with running_proxy(config) as proxy:
@@ -83,7 +85,6 @@ async def test_502_after_a_whole_body_was_read_keeps_reading_the_connection() ->
             await next_request_is_read(client, answer)
             await client.close()
     assert green.requests == []
-    await green.stop()
 
 
 @pytest.mark.parametrize(
@@ -238,9 +239,11 @@ async def test_a_client_still_uploading_reads_the_whole_answer_and_a_clean_end(
             await until(lambda: not proxy.server.plane.connections)
 
 
-async def test_lingering_stops_at_its_byte_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_lingering_stops_at_its_byte_bound(
+    monkeypatch: pytest.MonkeyPatch, upstreams: Upstreams
+) -> None:
     monkeypatch.setattr(protocol, "LINGER_SECONDS", 60.0)  # only the byte bound can end it
-    blue = await RecordingUpstream("blue").start()
+    blue = await upstreams.start("blue")
     config = two_version_config(blue.endpoint, blue.endpoint, 100, 0, extra_top=LIMIT)
     async with running_proxy(config) as proxy:
         client = await Uploader.connect(proxy.port)
@@ -256,12 +259,13 @@ async def test_lingering_stops_at_its_byte_bound(monkeypatch: pytest.MonkeyPatch
         client.close()
         await until(lambda: not proxy.server.plane.connections)
     assert blue.requests == []
-    await blue.stop()
 
 
-async def test_lingering_stops_at_its_time_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_lingering_stops_at_its_time_bound(
+    monkeypatch: pytest.MonkeyPatch, upstreams: Upstreams
+) -> None:
     monkeypatch.setattr(protocol, "LINGER_SECONDS", 0.3)
-    blue = await RecordingUpstream("blue").start()
+    blue = await upstreams.start("blue")
     config = two_version_config(blue.endpoint, blue.endpoint, 100, 0, extra_top=LIMIT)
     async with running_proxy(config) as proxy:
         client = await Uploader.connect(proxy.port)
@@ -270,7 +274,6 @@ async def test_lingering_stops_at_its_time_bound(monkeypatch: pytest.MonkeyPatch
         # The client neither sends nor closes: the proxy lets go at the time bound.
         await until(lambda: not proxy.server.plane.connections, timeout=3.0)
         client.close()
-    await blue.stop()
 
 
 async def test_unit_lingering_close_discards_up_to_its_bound() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from tests.helpers import (
     RecordingUpstream,
+    Upstreams,
     fed_connection,
     get,
     only_blue,
@@ -29,9 +30,11 @@ CHUNKED_WITH_TRAILERS = (
 
 
 @pytest.mark.parametrize("pipelined", [True, False], ids=["behind-a-get", "alone"])
-async def test_request_trailers_never_route_nor_reach_the_upstream(pipelined: bool) -> None:
-    blue = await RecordingUpstream("blue").start()
-    green = await RecordingUpstream("green").start()
+async def test_request_trailers_never_route_nor_reach_the_upstream(
+    pipelined: bool, upstreams: Upstreams
+) -> None:
+    blue = await upstreams.start("blue")
+    green = await upstreams.start("green")
     config = two_version_config(blue.endpoint, green.endpoint, 100, 0, extra_service=FORCE)
     async with running_proxy(config) as proxy:
         client = await proxy.client()
@@ -49,8 +52,6 @@ async def test_request_trailers_never_route_nor_reach_the_upstream(pipelined: bo
     assert post.header("X-Trailer") is None
     assert post.header("X-Canary") is None
     assert all(b"evil" not in value for _, value in post.headers)
-    await blue.stop()
-    await green.stop()
 
 
 async def test_unit_trailers_of_a_queued_request_leave_its_head_as_parsed() -> None:

@@ -19,8 +19,8 @@ from aiohttp import web
 
 from tests.helpers import (
     ReceivedRequest,
-    RecordingUpstream,
     RunningProxy,
+    Upstreams,
     get,
     ok_response,
     only_blue,
@@ -162,13 +162,13 @@ async def raw_connect(port: int) -> socket.socket:
 
 @pytest.mark.parametrize("size", [1 * MiB, 10 * MiB], ids=["1MiB", "10MiB"])
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
-async def test_large_response_passes_intact(size: int, framing: str) -> None:
+async def test_large_response_passes_intact(size: int, framing: str, upstreams: Upstreams) -> None:
     body = os.urandom(size)
     if framing == "content-length":
         answer = ok_response(body)
     else:
         answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(body, 100_003)
-    blue = await RecordingUpstream("blue", responder=lambda request: answer).start()
+    blue = await upstreams.start("blue", responder=lambda request: answer)
     async with running_proxy(only_blue(blue.endpoint)) as proxy:
         client = await proxy.client()
         response = await client.request(get())
@@ -179,13 +179,14 @@ async def test_large_response_passes_intact(size: int, framing: str) -> None:
         response = await client.request(get())  # and the connection goes on
         assert response.body == body
         await client.close()
-    await blue.stop()
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
-async def test_large_request_body_reaches_the_upstream_intact(framing: str) -> None:
+async def test_large_request_body_reaches_the_upstream_intact(
+    framing: str, upstreams: Upstreams
+) -> None:
     body = os.urandom(10 * MiB)
-    blue = await RecordingUpstream("blue").start()
+    blue = await upstreams.start("blue")
     async with running_proxy(only_blue(blue.endpoint)) as proxy:
         client = await proxy.client()
         if framing == "content-length":
@@ -203,7 +204,6 @@ async def test_large_request_body_reaches_the_upstream_intact(framing: str) -> N
         assert len(received.body) == len(body)
         assert received.body == body
         await client.close()
-    await blue.stop()
 
 
 # -- backpressure ------------------------------------------------------------------------------
@@ -449,19 +449,20 @@ def chunked_or_plain(request: ReceivedRequest) -> bytes:
     return ok_response(b"plain\n")
 
 
-async def test_http_10_client_without_keep_alive_gets_its_answer_then_close() -> None:
-    blue = await RecordingUpstream("blue", responder=chunked_or_plain).start()
+async def test_http_10_client_without_keep_alive_gets_its_answer_then_close(
+    upstreams: Upstreams,
+) -> None:
+    blue = await upstreams.start("blue", responder=chunked_or_plain)
     async with running_proxy(only_blue(blue.endpoint)) as proxy:
         client = await proxy.client()
         response = await client.request(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
         assert response.status == 200
         assert response.body == b"plain\n"
         assert await client.closed()
-    await blue.stop()
 
 
-async def test_http_10_client_with_keep_alive_is_kept_alive() -> None:
-    blue = await RecordingUpstream("blue", responder=chunked_or_plain).start()
+async def test_http_10_client_with_keep_alive_is_kept_alive(upstreams: Upstreams) -> None:
+    blue = await upstreams.start("blue", responder=chunked_or_plain)
     async with running_proxy(only_blue(blue.endpoint)) as proxy:
         client = await proxy.client()
         for _ in range(3):
@@ -474,14 +475,13 @@ async def test_http_10_client_with_keep_alive_is_kept_alive() -> None:
             assert (response.header("Connection") or b"").lower() == b"keep-alive"
         assert len(blue.requests) == 3
         await client.close()
-    await blue.stop()
 
 
 @pytest.mark.parametrize("keep_alive", [False, True])
 async def test_chunked_response_to_http_10_client_is_unframed_and_ends_with_close(
-    keep_alive: bool,
+    keep_alive: bool, upstreams: Upstreams
 ) -> None:
-    blue = await RecordingUpstream("blue", responder=chunked_or_plain).start()
+    blue = await upstreams.start("blue", responder=chunked_or_plain)
     async with running_proxy(only_blue(blue.endpoint)) as proxy:
         client = await proxy.client()
         extra = b"Connection: keep-alive\r\n" if keep_alive else b""
@@ -493,7 +493,6 @@ async def test_chunked_response_to_http_10_client_is_unframed_and_ends_with_clos
         assert not head_has(head, b"transfer-encoding")
         assert body == b"abcdefghij" * 50
         await client.close()
-    await blue.stop()
 
 
 # -- bodiless responses ----------------------------------------------------------------------------
@@ -509,8 +508,10 @@ def bodiless(request: ReceivedRequest) -> bytes:
     return answers.get(request.url, ok_response(b"0123456789"))
 
 
-async def test_204_and_304_end_without_a_body_and_the_connection_is_reused() -> None:
-    blue = await RecordingUpstream("blue", responder=bodiless).start()
+async def test_204_and_304_end_without_a_body_and_the_connection_is_reused(
+    upstreams: Upstreams,
+) -> None:
+    blue = await upstreams.start("blue", responder=bodiless)
     async with running_proxy(only_blue(blue.endpoint)) as proxy:
         client = await proxy.client()
         for path, status in [
@@ -532,15 +533,14 @@ async def test_204_and_304_end_without_a_body_and_the_connection_is_reused() -> 
         assert [(await client.response()).status for _ in range(3)] == [304, 204, 200]
         assert blue.connections == 1
         await client.close()
-    await blue.stop()
 
 
-async def test_head_with_a_chunked_upstream_answer_ends_at_the_head() -> None:
+async def test_head_with_a_chunked_upstream_answer_ends_at_the_head(upstreams: Upstreams) -> None:
     def respond(request: ReceivedRequest) -> bytes:
         head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         return head if request.method == b"HEAD" else head + chunked(b"the body\n", 4)
 
-    blue = await RecordingUpstream("blue", responder=respond).start()
+    blue = await upstreams.start("blue", responder=respond)
     async with running_proxy(only_blue(blue.endpoint)) as proxy:
         client = await proxy.client()
         for _ in range(2):
@@ -555,7 +555,6 @@ async def test_head_with_a_chunked_upstream_answer_ends_at_the_head() -> None:
             assert response.body == b"the body\n"
         assert blue.connections == 1
         await client.close()
-    await blue.stop()
 
 
 async def test_an_answer_before_the_whole_body_says_connection_close_and_closes() -> None:

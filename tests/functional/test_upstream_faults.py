@@ -19,6 +19,7 @@ from tests.helpers import (
     RecordingUpstream,
     Response,
     RunningProxy,
+    Upstreams,
     count_upstream_reads,
     get,
     ok_response,
@@ -128,9 +129,9 @@ def request_path(head: bytes) -> bytes:
 
 
 async def test_refused_endpoint_answers_502_and_counts_a_connect_error(
-    refusing_endpoint: str,
+    refusing_endpoint: str, upstreams: Upstreams
 ) -> None:
-    green = await RecordingUpstream("green").start()
+    green = await upstreams.start("green")
     async with running_proxy(proxy_config([refusing_endpoint], [green.endpoint])) as proxy:
         client = await proxy.client()
         response = await client.request(get())
@@ -143,15 +144,14 @@ async def test_refused_endpoint_answers_502_and_counts_a_connect_error(
         assert stats.in_flight == 0
         assert green.requests == []
         await client.close()
-    await green.stop()
 
 
 @pytest.mark.parametrize("refusing_first", [True, False])
 async def test_connect_failure_is_retried_on_the_other_endpoint_of_the_version(
-    refusing_endpoint: str, refusing_first: bool
+    refusing_endpoint: str, refusing_first: bool, upstreams: Upstreams
 ) -> None:
-    blue = await RecordingUpstream("blue").start()
-    green = await RecordingUpstream("green").start()
+    blue = await upstreams.start("blue")
+    green = await upstreams.start("green")
     endpoints = [refusing_endpoint, blue.endpoint]
     if not refusing_first:
         endpoints.reverse()
@@ -167,15 +167,15 @@ async def test_connect_failure_is_retried_on_the_other_endpoint_of_the_version(
         assert stats.requests == {200: 6}
         assert stats.in_flight == 0
         await client.close()
-    await blue.stop()
-    await green.stop()
 
 
-async def test_both_endpoints_refusing_answers_502_after_one_retry(refusing_endpoint: str) -> None:
+async def test_both_endpoints_refusing_answers_502_after_one_retry(
+    refusing_endpoint: str, upstreams: Upstreams
+) -> None:
     other = socket.socket()
     other.bind(("127.0.0.1", 0))
     other_endpoint = f"127.0.0.1:{other.getsockname()[1]}"
-    green = await RecordingUpstream("green").start()
+    green = await upstreams.start("green")
     try:
         config = proxy_config([refusing_endpoint, other_endpoint], [green.endpoint])
         async with running_proxy(config) as proxy:
@@ -189,11 +189,12 @@ async def test_both_endpoints_refusing_answers_502_after_one_retry(refusing_endp
             await client.close()
     finally:
         other.close()
-    await green.stop()
 
 
-async def test_connect_timeout_answers_504_in_bounded_time(unanswered_endpoint: str) -> None:
-    green = await RecordingUpstream("green").start()
+async def test_connect_timeout_answers_504_in_bounded_time(
+    unanswered_endpoint: str, upstreams: Upstreams
+) -> None:
+    green = await upstreams.start("green")
     config = proxy_config(
         [unanswered_endpoint], [green.endpoint], extra_top="timeouts: {connect: 300ms}"
     )
@@ -209,12 +210,13 @@ async def test_connect_timeout_answers_504_in_bounded_time(unanswered_endpoint: 
         assert stats.upstream_errors["connect"] == 1
         assert stats.in_flight == 0
         await client.close()
-    await green.stop()
 
 
-async def test_connect_timeout_is_retried_on_the_other_endpoint(unanswered_endpoint: str) -> None:
-    blue = await RecordingUpstream("blue").start()
-    green = await RecordingUpstream("green").start()
+async def test_connect_timeout_is_retried_on_the_other_endpoint(
+    unanswered_endpoint: str, upstreams: Upstreams
+) -> None:
+    blue = await upstreams.start("blue")
+    green = await upstreams.start("green")
     config = proxy_config(
         [unanswered_endpoint, blue.endpoint],
         [green.endpoint],
@@ -227,14 +229,14 @@ async def test_connect_timeout_is_retried_on_the_other_endpoint(unanswered_endpo
         assert response.header("X-App-Version") == b"blue"
         assert len(blue.requests) == 1
         await client.close()
-    await blue.stop()
-    await green.stop()
 
 
 # -- response timeout ------------------------------------------------------------------------------
 
 
-async def test_silent_upstream_gets_504_and_the_client_connection_stays_usable() -> None:
+async def test_silent_upstream_gets_504_and_the_client_connection_stays_usable(
+    upstreams: Upstreams,
+) -> None:
     arrived = asyncio.Event()
     released = asyncio.Event()
 
@@ -246,7 +248,7 @@ async def test_silent_upstream_gets_504_and_the_client_connection_stays_usable()
         finally:
             released.set()
 
-    green = await RecordingUpstream("green").start()
+    green = await upstreams.start("green")
     async with raw_upstream(silent) as endpoint:
         config = proxy_config([endpoint], [green.endpoint], "timeouts: {response: 300ms}")
         async with running_proxy(config) as proxy:
@@ -271,7 +273,6 @@ async def test_silent_upstream_gets_504_and_the_client_connection_stays_usable()
             assert response.status == 200
             assert response.header("X-App-Version") == b"green"
             await client.close()
-    await green.stop()
 
 
 async def test_client_reads_resume_after_an_upstream_dropped_while_write_blocked() -> None:
