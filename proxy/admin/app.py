@@ -26,6 +26,7 @@ from proxy.admin.access import (
 from proxy.admin.console import add_console_routes
 from proxy.admin.metrics import metrics_registry, render
 from proxy.control import ControlPlane
+from proxy.control.status import status_json
 from proxy.errors import ControlError
 from proxy.rollout.manager import RolloutManager
 from proxy.workers.supervisor import WorkerPool
@@ -150,7 +151,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[CONTROL].status())
+    return web.json_response(status_json(request.app[CONTROL]))
 
 
 async def events(request: web.Request) -> web.Response:

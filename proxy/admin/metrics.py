@@ -150,7 +150,7 @@ class LaneswitchCollector(Collector):
             "laneswitch_state_write_failures",
             "State file writes that failed (the last error is in GET /status).",
         )
-        state_failures.add_metric([], control.state_write_failures)
+        state_failures.add_metric([], control.state_writes.failures)
 
         phase = GaugeMetricFamily(
             "laneswitch_rollout_phase",

@@ -11,38 +11,37 @@ them at `drain_timeout` is cut and counted.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from proxy.config.loader import ConfigError, config_digest, parse_config
+from proxy.config.loader import config_digest
 from proxy.config.model import Config
 from proxy.config.service import ServiceConfig
+from proxy.control.reload import Coalescing, ReloadResult, read_config, reload_reason
 from proxy.control.rollouts import Rollouts
-from proxy.control.weights import Weights, mapping_of, validate_weights, weights_of
+from proxy.control.statefile import StateWrites
+from proxy.control.weights import (
+    Weights,
+    adopted_weights,
+    fleet_weights,
+    mapping_of,
+    restored_weights,
+    validate_weights,
+)
 from proxy.errors import ControlError
 from proxy.events import Event, EventLog
 from proxy.fleet.backend import STORE_UNAVAILABLE, StateBackend
 from proxy.history import History
-from proxy.metrics import MetricsWindow, StatsRegistry, StatsSnapshot, quantile, success_rate
+from proxy.metrics import MetricsWindow, StatsRegistry
 from proxy.routing.build import build_table, rollout_roles
 from proxy.routing.table import RouteTable
-from proxy.state import RuntimeState, save_state
+from proxy.state import RuntimeState
 
 log = logging.getLogger("laneswitch.control")
 
 EndpointKey = tuple[str, str, str]  # (service, version, "host:port")
-
-
-@dataclass
-class ReloadResult:
-    ok: bool
-    errors: list[str] = field(default_factory=list)
-    changed: bool = False  # the file differed from the one in force
 
 
 class ControlPlane:
@@ -85,10 +84,9 @@ class ControlPlane:
         self.generation = 1
         self.table = build_table(config, self.weights, self.unhealthy, self.generation)
         # The state file: entries of the saved one left out at start-up (another version's,
-        # or damaged), and writes that failed (the last one's error until a write succeeds).
+        # or damaged), and its writes.
         self.state_entries_skipped = 0
-        self.state_write_failures = 0
-        self.state_write_error: str | None = None
+        self.state_writes = StateWrites()
         self.window = MetricsWindow(stats)
         # Where the runtime state is shared: this process alone, or a fleet's store (SPEC §9).
         self.backend = StateBackend()
@@ -104,34 +102,18 @@ class ControlPlane:
         # return once every process serving traffic has applied that table (or a later one).
         self.table_acks: list[Callable[[int], Awaitable[None]]] = []
         self._lock = asyncio.Lock()
-        # The reload running now and the one coalescing every request made meanwhile.
-        self._reload_running: asyncio.Task[ReloadResult] | None = None
-        self._reload_next: asyncio.Task[ReloadResult] | None = None
-        # Serialises state-file writes: some are made outside `_lock` (background webhook
-        # verdicts, a refused rollout start), and two writes in flight at once could land in
-        # the wrong order, an older state replacing a newer one.
-        self._save_lock = asyncio.Lock()
+        self._reloads = Coalescing(self._reload_once)
 
     # -- start-up ---------------------------------------------------------------------------------
 
     async def restore(self, state: RuntimeState) -> None:
-        """Put back the runtime state saved by an earlier run, on top of the file's config.
-
-        A service's saved weights are used only when they still fit the file (same versions,
-        same total) and the file's own weights have not changed since they were saved: an edit
-        made while the proxy was down wins, as it would on a reload.
-        """
+        """Put back the runtime state saved by an earlier run, on top of the file's config (the
+        weights where they still fit: see `weights.restored_weights`)."""
         self.events = EventLog(Event.from_json(e) for e in state.events)
         self.state_entries_skipped += state.skipped
-        for name, service in self.config.services.items():
-            saved = state.weights.get(name)
-            if saved is None or state.file_weights.get(name) != self.file_weights[name]:
-                continue
-            if validate_weights(service, saved) is None:
-                self.weights[name] = dict(saved)
-                previous = state.previous_weights.get(name)
-                if previous is not None and validate_weights(service, previous) is None:
-                    self.previous_weights[name] = dict(previous)
+        weights, previous = restored_weights(self.config.services, self.file_weights, state)
+        self.weights.update(weights)
+        self.previous_weights.update(previous)
         self.state_entries_skipped += self.rollouts.runs.load(state.rollouts)
         self.install()
         await self.rollouts.restored()
@@ -157,69 +139,9 @@ class ControlPlane:
         total = self.config.services[service].weight_total
         return 100.0 * self.weights[service].get(version, 0) / total
 
-    def status(self) -> dict[str, Any]:
-        """The JSON of GET /status."""
-        services: dict[str, Any] = {}
-        for name, service in self.config.services.items():
-            versions: dict[str, Any] = {}
-            for version_name, version in service.versions.items():
-                stats = self.stats.peek(name, version_name)
-                window = self.window.delta(name, version_name)
-                versions[version_name] = {
-                    "weight": self.weights[name].get(version_name, 0),
-                    "share": round(self.share(name, version_name), 4),
-                    "revision": version.revision,
-                    "in_flight": stats.in_flight,
-                    "endpoints": [
-                        {
-                            "address": endpoint,
-                            "healthy": (name, version_name, endpoint) not in self.unhealthy,
-                        }
-                        for endpoint in version.endpoints
-                    ],
-                    "window": window_summary(window, self.window.seconds),
-                }
-            last = self.events.last(name)
-            services[name] = {
-                "weight_total": service.weight_total,
-                "versions": versions,
-                "rollout": self.rollout_status(name),
-                "last_decision": last.to_json() if last is not None else None,
-            }
-        result: dict[str, Any] = {
-            "ready": self.ready,
-            "draining": self.draining,
-            "generation": self.generation,
-            "config": {
-                "path": self.config_path,
-                "hash": self.config_hash,
-                "loaded_at": self.loaded_at,
-                "last_reload_error": self.last_reload_error,
-            },
-            "state_file": {
-                "path": self.config.state_file,
-                "entries_skipped": self.state_entries_skipped,
-                "write_failures": self.state_write_failures,
-                "last_write_error": self.state_write_error,
-            },
-            "services": services,
-        }
-        fleet = self.backend.status()
-        if fleet is not None:
-            result["fleet"] = fleet
-            for name, why in self.config_behind.items():
-                if name in services:
-                    services[name]["config_behind"] = why
-        return result
-
     def sample_history(self) -> None:
         """One chart row per version in force (called every HISTORY_STEP seconds)."""
         self.history.sample(self.weights)
-
-    def rollout_status(self, service: str) -> dict[str, Any] | None:
-        """The rollout's phase, step, failed checks and last analysis; None without a rollout
-        block."""
-        return self.rollouts.status(service)
 
     # -- changing ---------------------------------------------------------------------------------
 
@@ -410,48 +332,18 @@ class ControlPlane:
         """Re-read the config file; all-or-nothing. A new revision or new endpoints of a
         rollout's canary (blue-green: preview) start a new rollout of it (actor "config").
 
-        Requests that arrive while a reload runs are coalesced into one more, begun when the
-        running one ends (so it reads the file as it is after every one of them); they all
-        get its result. A storm of SIGHUPs is therefore at most two reloads deep, and a
-        rollback never queues behind it."""
+        Requests that arrive while a reload runs are coalesced (see `reload.Coalescing`): a
+        storm of SIGHUPs is at most two reloads deep, and a rollback never queues behind it."""
         self.refuse_while_draining()
-        loop = asyncio.get_running_loop()
-        running = self._reload_running
-        if running is None:
-            task = self._reload_running = loop.create_task(self._run_reload(None, actor))
-        elif self._reload_next is not None:
-            task = self._reload_next
-        else:
-            task = self._reload_next = loop.create_task(self._run_reload(running, actor))
-        # Shielded: a caller that goes away (an admin client disconnecting) must not cancel a
-        # reload other callers wait for.
-        return await asyncio.shield(task)
-
-    async def _run_reload(
-        self, after: asyncio.Task[ReloadResult] | None, actor: str
-    ) -> ReloadResult:
-        if after is not None:
-            await asyncio.wait([after])
-            self._reload_running, self._reload_next = self._reload_next, None
-        try:
-            return await self._reload_once(actor)
-        finally:
-            if self._reload_running is asyncio.current_task():
-                self._reload_running = None
+        return await self._reloads(actor)
 
     async def _reload_once(self, actor: str) -> ReloadResult:
         # Read and parsed outside the lock: switches and rollbacks never wait for the disk.
         # Reloads run one at a time (see `reload`), so nothing else adopts a config meanwhile.
-        if self.config_path is None:
-            return await self._reload_failed(["no config file to reload (embedded config)"], actor)
-        try:
-            text = await asyncio.to_thread(Path(self.config_path).read_text, "utf-8")
-            config = parse_config(text, source=self.config_path)
-        except ConfigError as exc:
-            return await self._reload_failed(exc.errors, actor)
-        except (OSError, UnicodeDecodeError) as exc:
-            return await self._reload_failed([f"{self.config_path}: cannot read: {exc}"], actor)
-        digest = config_digest(text)
+        read = await read_config(self.config_path)
+        if isinstance(read, list):
+            return await self._reload_failed(read, actor)
+        config, digest = read
         starts: list[tuple[str, str]] = []
         async with self._lock:
             self.reloads["success"] += 1
@@ -478,7 +370,7 @@ class ControlPlane:
                 listener(config)
             self.install()
             await self.applied()
-            self.events.record(actor, "reload", None, to=digest, reason=_reload_reason(old, config))
+            self.events.record(actor, "reload", None, to=digest, reason=reload_reason(old, config))
             await self.save()
         # In a fleet, a new release of the canary starts one run for the fleet: the leader's,
         # when its own file has it (every member reloads the same file sooner or later).
@@ -498,26 +390,10 @@ class ControlPlane:
 
     def _adopt(self, config: Config) -> None:
         """Take a new config's services, keeping runtime weights where the file did not move."""
-        weights: dict[str, Weights] = {}
-        file_weights: dict[str, Weights] = {}
-        for name, service in config.services.items():
-            in_file = service.file_weights()
-            file_weights[name] = in_file
-            current = self.weights.get(name)
-            keep = (
-                current is not None
-                and self.file_weights.get(name) == in_file
-                and validate_weights(service, current) is None
-            )
-            weights[name] = dict(current) if keep and current is not None else in_file
-        self.previous_weights = {
-            name: w
-            for name, w in self.previous_weights.items()
-            if name in config.services and validate_weights(config.services[name], w) is None
-        }
+        self.weights, self.file_weights, self.previous_weights = adopted_weights(
+            config, self.weights, self.file_weights, self.previous_weights
+        )
         self.config = config
-        self.weights = weights
-        self.file_weights = file_weights
         self.unhealthy = {key for key in self.unhealthy if _still_exists(config, key)}
 
     def set_health(self, unhealthy: set[EndpointKey], first_round_done: bool = True) -> None:
@@ -567,32 +443,7 @@ class ControlPlane:
         `config_behind`. Returns the rollout states as they were before."""
         async with self._lock:
             services = self.config.services
-            behind: dict[str, str] = {}
-            weights = {name: dict(w) for name, w in self.weights.items()}
-            for name, raw in mapping_of(state.get("weights")).items():
-                service = services.get(name)
-                if service is None:
-                    continue  # a service only other members' configs have
-                fleet_weights = weights_of(raw)
-                problem = (
-                    validate_weights(service, fleet_weights)
-                    if fleet_weights is not None
-                    else "not a weights object"
-                )
-                if problem is not None:
-                    behind[name] = f"the fleet's weights do not fit this config: {problem}"
-                    continue
-                assert fleet_weights is not None
-                weights[name] = fleet_weights
-            previous: dict[str, Weights] = {}
-            for name, raw in mapping_of(state.get("previous_weights")).items():
-                undo = weights_of(raw)
-                if (
-                    name in services
-                    and undo is not None
-                    and validate_weights(services[name], undo) is None
-                ):
-                    previous[name] = undo
+            weights, previous, behind = fleet_weights(state, services, self.weights)
             before = self.rollouts.runs.adopt(mapping_of(state.get("rollouts")), services, behind)
             self.config_behind = behind
             self.previous_weights = previous
@@ -611,22 +462,7 @@ class ControlPlane:
         await self.backend.saved()
 
     async def _save_file(self) -> None:
-        path = self.config.state_file
-        if path is None:
-            return
-        async with self._save_lock:
-            # A copy: the thread serialises it while the loop goes on changing the originals.
-            state = copy.deepcopy(self.runtime_state())
-            try:
-                await asyncio.to_thread(save_state, path, state)
-            except (OSError, TypeError, ValueError) as exc:
-                # Visible where an operator looks (GET /status, the metric), not only here: a
-                # restart would resume from an older state than the one in force.
-                self.state_write_failures += 1
-                self.state_write_error = f"cannot write the state file {path}: {exc}"
-                log.error("%s", self.state_write_error)
-            else:
-                self.state_write_error = None
+        await self.state_writes.write(self.config.state_file, self.runtime_state)
 
     async def shutdown(self) -> None:
         """The graceful stop began: no rollout decision from now on (one being carried out
@@ -654,38 +490,6 @@ class ControlPlane:
         if service is None:
             raise ControlError(404, f"no service {name!r}")
         return service
-
-
-def window_summary(window: StatsSnapshot | None, seconds: float) -> dict[str, Any]:
-    """Request count, success rate and p99 of a version over the status window."""
-    if window is None:
-        return {"seconds": seconds, "requests": 0, "success_rate": None, "p99_ms": None}
-    p99 = quantile(window.latency_buckets, 0.99)
-    rate = success_rate(window.requests)
-    return {
-        "seconds": seconds,
-        "requests": window.total,
-        "success_rate": round(rate, 3) if rate is not None else None,
-        "p99_ms": round(p99 * 1000, 3) if p99 is not None else None,
-        "upstream_errors": window.upstream_errors,
-        "client_aborts": window.client_aborts,
-    }
-
-
-def _reload_reason(old: Config, new: Config) -> str:
-    """The reload event's reason: what an operator must know beyond "applied" (never the
-    token itself)."""
-    notes = ["config applied"]
-    if old.admin.token != new.admin.token:
-        if new.admin.token is None:
-            notes.append("admin token removed: the admin API takes calls without a token")
-        elif old.admin.token is None:
-            notes.append("admin token set: calls without it are refused from now on")
-        else:
-            notes.append("admin token changed: the old token is refused from now on")
-    if old.admin.listen != new.admin.listen:
-        notes.append(f"admin.listen {new.admin.listen} takes effect at the next start")
-    return "; ".join(notes)
 
 
 def _still_exists(config: Config, key: EndpointKey) -> bool:

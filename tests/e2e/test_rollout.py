@@ -344,7 +344,7 @@ async def test_a_restart_mid_rollout_resumes_at_the_same_step(tmp_path: Path) ->
         assert saved["weights"]["shop"] == {"stable": 100 - percent, "canary": percent}
         async with admin_proxy(tmp_path, text) as proxy:
             control = proxy.server.control
-            status = control.rollout_status("shop")
+            status = control.rollouts.status("shop")
             assert status is not None
             assert (status["phase"], status["step"]) == ("progressing", step)
             assert proxy.weights() == {"stable": 100 - percent, "canary": percent}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config.loader import parse_config
+from proxy.control.status import status_json
 from proxy.errors import ControlError
 from proxy.server import Server
 from tests.helpers import Client, Upstreams, get, ok_response, raw_upstream
@@ -235,7 +236,7 @@ async def test_invalid_reload_changes_nothing_and_is_visible(
         stop.set()
         await load
         assert not outcome.ok and outcome.errors
-        status = server.control.status()
+        status = status_json(server.control)
         assert status["config"]["last_reload_error"] == outcome.errors
         assert server.control.reloads["failure"] == 1
         assert server.control.events.since(0)[-1].action == "reload_failed"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-import proxy.control.plane
+import proxy.control.statefile
 from proxy.config.loader import parse_config
 from proxy.errors import ControlError
 from proxy.routing.table import RouteTable
@@ -142,7 +142,7 @@ async def test_concurrent_state_saves_land_in_order(
     path.write_text(
         config_text(blue.endpoint, green.endpoint, 100, extra=f"state_file: {state_file}")
     )
-    real = proxy.control.plane.save_state
+    real = proxy.control.statefile.save_state
     calls = 0
 
     def uneven_save(target: Any, state: Any) -> None:
@@ -155,7 +155,7 @@ async def test_concurrent_state_saves_land_in_order(
     try:
         async with server_from_file(path) as server:
             control = server.control
-            monkeypatch.setattr(proxy.control.plane, "save_state", uneven_save)
+            monkeypatch.setattr(proxy.control.statefile, "save_state", uneven_save)
             # A save outside the lock (as a background webhook verdict makes) overlapping a
             # switch's own save.
             background = asyncio.create_task(control.save())
