@@ -29,6 +29,7 @@ from proxy.http.context import (
     ClientConnection,
     End,
 )
+from proxy.http.response_head import final_tail, forwarded_lines, interim_head
 from proxy.http.upstream_head import plain_upstream_head, upstream_head
 from proxy.metrics import VersionStats
 from proxy.routing.table import Endpoint, ServiceRoute, VersionRoute
@@ -46,13 +47,9 @@ MAX_BUFFERED_BODY = 64 * 1024
 
 NEVER = float("inf")  # a deadline that is not armed
 
-_NO_BODY_STATUS = frozenset({204, 304})
-
 # Methods a dead reused connection may be retried for (RFC 9110 §9.2.2): the upstream may have
 # processed the request before it died, and a proxy must not replay any other (RFC 9112 §9.3.1.1).
 _IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-
-_VIA_LINE = b"Via: 1.1 laneswitch\r\n"
 
 
 class Exchange:
@@ -319,7 +316,7 @@ class Exchange:
         status = conn.status
         if status < 200 and status != 101:
             if not self.http_10:  # HTTP/1.0 clients cannot take interim responses
-                self.out.append(self._response_head(conn, _VIA_LINE + b"\r\n"))
+                self.out.append(interim_head(conn))
             return
         if status == 101 and not self.upgrade:
             self.upstream_failed(conn, Failure.UPSTREAM_PROTOCOL)
@@ -331,53 +328,8 @@ class Exchange:
         # In pieces: the flush at the end of this read joins them with the body in one go.
         out = self.out
         out.append(wire.status_line(status, conn.reason or None))
-        out += self._response_lines(conn) if conn.connection else conn.lines
-        out.append(self._response_tail(conn))
-
-    def _response_head(self, conn: UpstreamConnection, tail: bytes) -> bytes:
-        return b"".join(
-            (wire.status_line(conn.status, conn.reason or None), *self._response_lines(conn), tail)
-        )
-
-    def _response_lines(self, conn: UpstreamConnection) -> list[bytes]:
-        """The upstream's header lines to forward, without those its Connection header names."""
-        lines = conn.lines
-        if conn.connection:
-            named = wire.named_by_connection(conn.connection)
-            if named:
-                lines = wire.drop_named(lines, named)
-        return lines
-
-    def _response_tail(self, conn: UpstreamConnection) -> bytes:
-        """The headers the proxy adds to a final response, and the blank line: framing,
-        Connection and the version header. Decides whether the client connection closes."""
-        status = conn.status
-        tail = _VIA_LINE
-        route = self.route
-        version = self.version
-        if route is not None and version is not None and route.version_header is not None:
-            tail += route.version_header + b": " + version.name_bytes + b"\r\n"
-        if status == 101:
-            upgrade = conn.upgrade or b""
-            return tail + b"Upgrade: " + upgrade + b"\r\nConnection: upgrade\r\n\r\n"
-        if self.method != b"HEAD" and status not in _NO_BODY_STATUS and not conn.content_length:
-            if self.http_10:
-                self.close_after = True  # an HTTP/1.0 client reads to the end of the connection
-            else:
-                self.chunked_out = True
-                tail += b"Transfer-Encoding: chunked\r\n"
-        if self.upgrade:
-            self.close_after = True  # the client may already be talking the refused protocol
-        if not self.request_complete and (self.content_length > 0 or self.chunked_in):
-            # The upstream answers before the whole body arrived: where that body ends is not
-            # known any more, so the connection closes after this answer; say so.
-            self.close_after = True
-        if self.close_after or not self.keep_alive or self.proto.plane.draining:
-            self.close_after = True
-            return tail + b"Connection: close\r\n\r\n"
-        if self.http_10:
-            return tail + b"Connection: keep-alive\r\n\r\n"
-        return tail + b"\r\n"
+        out += forwarded_lines(conn) if conn.connection else conn.lines
+        out.append(final_tail(self, conn, self.proto.plane.draining))
 
     def upstream_body(self, data: bytes) -> None:
         self.out.append(wire.chunk(data) if self.chunked_out else data)

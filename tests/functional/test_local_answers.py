@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from proxy.config.loader import parse_config
-from proxy.http import protocol
+from proxy.http import linger
 from proxy.routing.build import build_table
 from tests.helpers import (
     Client,
@@ -242,7 +242,7 @@ async def test_a_client_still_uploading_reads_the_whole_answer_and_a_clean_end(
 async def test_lingering_stops_at_its_byte_bound(
     monkeypatch: pytest.MonkeyPatch, upstreams: Upstreams
 ) -> None:
-    monkeypatch.setattr(protocol, "LINGER_SECONDS", 60.0)  # only the byte bound can end it
+    monkeypatch.setattr(linger, "LINGER_SECONDS", 60.0)  # only the byte bound can end it
     blue = await upstreams.start("blue")
     config = two_version_config(blue.endpoint, blue.endpoint, 100, 0, extra_top=LIMIT)
     async with running_proxy(config) as proxy:
@@ -255,7 +255,7 @@ async def test_lingering_stops_at_its_byte_bound(
                 while True:
                     await client.send(PIECE * 4)
                     sent += len(PIECE) * 4
-        assert sent >= protocol.LINGER_MAX_BYTES
+        assert sent >= linger.LINGER_MAX_BYTES
         client.close()
         await until(lambda: not proxy.server.plane.connections)
     assert blue.requests == []
@@ -264,7 +264,7 @@ async def test_lingering_stops_at_its_byte_bound(
 async def test_lingering_stops_at_its_time_bound(
     monkeypatch: pytest.MonkeyPatch, upstreams: Upstreams
 ) -> None:
-    monkeypatch.setattr(protocol, "LINGER_SECONDS", 0.3)
+    monkeypatch.setattr(linger, "LINGER_SECONDS", 0.3)
     blue = await upstreams.start("blue")
     config = two_version_config(blue.endpoint, blue.endpoint, 100, 0, extra_top=LIMIT)
     async with running_proxy(config) as proxy:
@@ -285,7 +285,7 @@ async def test_unit_lingering_close_discards_up_to_its_bound() -> None:
     assert conn.transport.eof_written  # the answer, then a FIN
     assert conn.transport.reading and not conn.transport.is_closing()
     fed = 0  # what arrives after the answer
-    while fed + len(PIECE) < protocol.LINGER_MAX_BYTES:
+    while fed + len(PIECE) < linger.LINGER_MAX_BYTES:
         conn.feed(PIECE)
         fed += len(PIECE)
     assert not conn.transport.is_closing()  # still discarding
@@ -293,7 +293,7 @@ async def test_unit_lingering_close_discards_up_to_its_bound() -> None:
     assert conn.transport.closed  # the bound: closed now
     assert len(conn.transport.written) == written  # nothing else was answered
     conn.protocol.connection_lost(None)
-    assert conn.protocol.linger_timer is None
+    assert conn.protocol.linger is None
 
 
 async def test_unit_lingering_ends_when_the_client_stops_sending() -> None:

@@ -32,6 +32,7 @@ import httptools
 
 from proxy.config.loader import parse_config
 from proxy.http import protocol as client_protocol
+from proxy.http import request_parsing
 from proxy.http.exchange import MAX_BUFFERED_BODY
 from proxy.http.plane import DataPlane
 from proxy.routing.build import build_table
@@ -413,7 +414,7 @@ class Harness:
                 continue
             reading = client.transport.reading
             where = f"client {client.index}, step {step}"
-            if len(proto.pipeline) >= client_protocol.MAX_PIPELINE:
+            if len(proto.pipeline) >= request_parsing.MAX_PIPELINE:
                 assert not reading, f"{where}: {len(proto.pipeline)} requests queued, still reading"
             buffered = sum(ex.body_buffered for ex in (proto.parsing, *proto.pipeline) if ex)
             if proto.active is not None:

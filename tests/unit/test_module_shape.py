@@ -18,10 +18,7 @@ MAX_LINES = 500
 
 # Modules still over MAX_LINES, to be split by job. The list only shrinks: the test asserts
 # equality, so it fails on a new oversized module and when a listed one has been split.
-KNOWN_OVERSIZED = [
-    "proxy/http/exchange.py",
-    "proxy/http/protocol.py",
-]
+KNOWN_OVERSIZED: list[str] = []
 
 
 def modules(root: Path = PACKAGE) -> list[Path]:
