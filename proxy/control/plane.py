@@ -28,6 +28,7 @@ from proxy.control.weights import (
     fleet_weights,
     mapping_of,
     restored_weights,
+    rollback_weights,
     validate_weights,
 )
 from proxy.errors import ControlError
@@ -214,20 +215,13 @@ class ControlPlane:
         _, stable = rollout_roles(config)
         if stable is not None:
             stable = self.rollouts.rollback_target(service) or stable
-            target = {
-                name: (config.weight_total if name == stable else 0) for name in config.versions
-            }
-            reason = f"all traffic back to {stable}"
-        else:
-            previous = self.previous_weights.get(service)
-            # Nothing to undo is "no change", not a refusal: a rollback must always be safe
-            # to send (an operator or a script repeating it in a panic).
-            target = dict(previous) if previous is not None else dict(self.weights[service])
-            reason = "weights before the last change"
+        target, reason = rollback_weights(
+            config, stable, self.previous_weights.get(service), self.weights[service]
+        )
         # The run ends first, even when the weights need not move: a run at step 0 (its
         # pre-rollout hooks still running) would otherwise give the canary traffic afterwards.
-        await self.rollouts.before_rollback(service, actor)
-        return await self._apply(service, target, "rollback", actor, False, reason)
+        commit = await self.rollouts.before_rollback(service, actor)
+        return await self._apply(service, target, "rollback", actor, False, reason, commit=commit)
 
     async def apply_rollout(
         self,
@@ -294,9 +288,11 @@ class ControlPlane:
         reason: str,
         *,
         healthy: str | None = None,
+        commit: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Install `after` for `service` and record it; with `healthy`, refused (409) when that
-        version has no healthy endpoint at the moment the change is made."""
+        version has no healthy endpoint at the moment the change is made. `commit` stores the
+        rollout state that goes with `after`, under the same lock and in the same save."""
         async with self._lock:
             # `after` was computed from the config before the lock: a reload that got the lock
             # first may have removed the service or renamed its versions or weight_total.
@@ -313,11 +309,15 @@ class ControlPlane:
             result = {"service": service, "from": before, "to": after, "dry_run": dry_run}
             if dry_run:
                 return result
+            if commit is not None:
+                commit()
             if after == before:
                 # Recorded (every call is), but it must not overwrite the undo point.
                 self.events.record(
                     actor, action, service, from_=before, to=after, reason="no change"
                 )
+                if commit is not None:
+                    await self.save()  # the run's end, even with no weight to move
                 return result
             if action != "rollback":
                 self.previous_weights[service] = before

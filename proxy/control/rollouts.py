@@ -8,7 +8,7 @@ it; the control plane never imports that module.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from proxy.config.model import Config
@@ -35,8 +35,9 @@ class Rollouts(Protocol):
         """A switch or weights call is about to be made: a running rollout pauses."""
         ...
 
-    async def before_rollback(self, service: str, actor: str) -> None:
-        """A rollback by a person is about to be made: counted, and it ends the run."""
+    async def before_rollback(self, service: str, actor: str) -> Callable[[], None] | None:
+        """A rollback by a person is about to be made: counted, and it ends the run; the
+        returned commit stores the run's end (called with the rollback's weights)."""
         ...
 
     def config_changed(

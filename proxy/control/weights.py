@@ -128,3 +128,19 @@ def fleet_weights(
         if name in services and undo is not None and validate_weights(services[name], undo) is None:
             previous[name] = undo
     return weights, previous, behind
+
+
+def rollback_weights(
+    service: ServiceConfig, stable: str | None, previous: Weights | None, current: Weights
+) -> tuple[Weights, str]:
+    """What a rollback installs, and why: all traffic to `stable` (a rollout's stable or
+    active version, or the version a promotion took it from), else, without a rollout, the
+    weights before the last change."""
+    if stable is not None:
+        target = {
+            name: (service.weight_total if name == stable else 0) for name in service.versions
+        }
+        return target, f"all traffic back to {stable}"
+    # Nothing to undo is "no change", not a refusal: a rollback must always be safe to send
+    # (an operator or a script repeating it in a panic).
+    return dict(previous if previous is not None else current), "weights before the last change"

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -180,22 +180,26 @@ class RolloutManager:
             )
             await self.control.save()
 
-    async def before_rollback(self, service: str, actor: str) -> None:
-        """`rollback` by a person is counted, and ends a running (or promoted) rollout:
-        phase rolled_back."""
+    async def before_rollback(self, service: str, actor: str) -> Callable[[], None] | None:
+        """`rollback` by a person is counted and stops a running (or promoted) rollout's task;
+        the commit returned stores rolled_back, under the control lock with the weights."""
         self.rollbacks[(service, "manual")] += 1
         rollout = self.control.config.services[service].rollout
         if rollout is None:
-            return
+            return None
         async with self._lock(service):
-            state = self.state(service)
-            if state.phase not in RUNNING and state.phase != "promoted":
-                return
+            if self.state(service).phase not in (*RUNNING, "promoted"):
+                return None
             self._stop_task(service)
-            state.phase = "rolled_back"
-            state.reason = f"rolled back by {actor}"
-            state.paused_from = None
-            self.runs.store(service, state)  # saved with the rollback's own event
+
+        def commit() -> None:
+            ended = self.state(service)  # as it is by then: a reload may have edited it
+            ended.phase = "rolled_back"
+            ended.reason = f"rolled back by {actor}"
+            ended.paused_from = None
+            self.runs.store(service, ended)
+
+        return commit
 
     # -- lifecycle --------------------------------------------------------------------------------
 

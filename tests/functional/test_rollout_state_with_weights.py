@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.control import ControlPlane
+from tests.e2e.test_rollback_always import hook_entry, stalled_hook
 from tests.e2e.test_rollout import canary_config, two_upstreams
 from tests.functional.test_admin import admin_proxy
 
@@ -70,3 +71,60 @@ async def test_a_decision_waiting_for_the_lock_is_not_saved_before_its_weights(
             assert proxy.weights() == {"stable": 80, "canary": 20}
             rollout, weights = saved(state_file)
             assert (rollout["step"], weights) == (1, {"stable": 80, "canary": 20})
+
+
+async def test_a_rollback_waiting_for_the_lock_is_not_saved_before_its_weights(
+    tmp_path: Path,
+) -> None:
+    state_file = tmp_path / "state.json"
+    async with two_upstreams() as (stable, canary):
+        text = canary_config(
+            stable.endpoint, canary.endpoint, top=f"state_file: {state_file}"
+        ).replace("interval: 0.5s", "interval: 60s")
+        async with admin_proxy(tmp_path, text) as proxy:
+            control: ControlPlane = proxy.server.control
+            await control.rollouts.start("shop", actor="admin", reason="test")
+            async with asyncio.timeout(5):
+                while control.rollouts.state("shop").step < 1:
+                    await asyncio.sleep(0.01)
+            lock = WatchedLock()
+            control._lock = lock
+            async with lock:
+                rollback = asyncio.ensure_future(control.rollback("shop"))
+                async with asyncio.timeout(5):
+                    await lock.waited.wait()
+                await control.save()  # a change in progress while the rollback waits
+                rollout, weights = saved(state_file)
+                # Either the run and its weights, or the rollback and its: never "rolled
+                # back" with the canary still holding traffic (a restart would keep it so).
+                assert (rollout["phase"], weights) == (
+                    "progressing",
+                    {"stable": 80, "canary": 20},
+                )
+            async with asyncio.timeout(5):
+                await rollback
+            rollout, weights = saved(state_file)
+            assert (rollout["phase"], weights) == ("rolled_back", {"stable": 100, "canary": 0})
+
+
+async def test_a_rollback_that_moves_no_weight_is_saved_at_once(tmp_path: Path) -> None:
+    """At step 0 (its pre-rollout hook unanswered) the weights are already the rollback's:
+    the run's end must still reach the state file, or a restart resumes the run."""
+    state_file = tmp_path / "state.json"
+    async with stalled_hook() as hook, two_upstreams() as (stable, canary):
+        text = canary_config(
+            stable.endpoint,
+            canary.endpoint,
+            top=f"state_file: {state_file}",
+            webhooks=hook_entry(hook.url, "pre-rollout", "10s"),
+        )
+        async with admin_proxy(tmp_path, text) as proxy:
+            control: ControlPlane = proxy.server.control
+            await control.rollouts.start("shop", actor="admin", reason="test")
+            async with asyncio.timeout(5):
+                while hook.requests == 0:  # step 0: the pre-rollout hook is being asked
+                    await asyncio.sleep(0.01)
+            answer = await proxy.call("POST", "/services/shop/rollback")
+            assert answer.status == 200, answer.body
+            rollout, weights = saved(state_file)
+            assert (rollout["phase"], weights) == ("rolled_back", {"stable": 100, "canary": 0})
