@@ -27,6 +27,7 @@ from proxy.codec.flow import (
     reset,
     set_write_limits,
 )
+from proxy.codec.held import HeldBytes
 from proxy.errors import Failure
 from proxy.http.context import (
     ANSWERED,
@@ -68,7 +69,7 @@ class DownstreamProtocol(RequestParsing, asyncio.Protocol):
         "forwarding",
         "gate",
         "head_bytes",
-        "head_fed",
+        "held",
         "host_name",
         "host_raw",
         "linger",
@@ -102,7 +103,7 @@ class DownstreamProtocol(RequestParsing, asyncio.Protocol):
         self.head_bytes = 0  # exact size of the head's completed lines
         # Bytes of reads fed wholly inside one head, or inside a chunked body's framing and
         # trailer fields (reads that carried no body byte).
-        self.head_fed = 0
+        self.held = HeldBytes()  # reads fed wholly inside a head or a body's framing
         self.closing = False  # no further request will be read or started
         self.write_blocked = False
         self.tunnel: Tunnel | None = None

@@ -15,6 +15,7 @@ import httptools
 
 from proxy.codec import wire
 from proxy.codec.flow import PIPELINE_FULL
+from proxy.codec.held import HeldBytes
 from proxy.errors import Failure
 from proxy.http.exchange import NEVER, Exchange
 from proxy.http.request_checks import LONGEST_METHOD, REQUEST_LINE_OVERHEAD, check_request
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
         deadline: float
         timer_kind: int
         head_bytes: int
-        head_fed: int
+        held: HeldBytes
         host_raw: bytes
         host_name: bytes
 
@@ -131,13 +132,11 @@ class RequestParsing:
             if not self.closing:
                 self._arm(BODY_TIMER, self.settings.idle_timeout)
             return
-        if in_head and parsing is ex:
-            # httptools buffers a header until it ends; a chunk fed wholly inside one head counts
-            # against the limit, so a single endless header cannot grow without bound.
-            self.head_fed += len(data)
-            if self.head_fed > self.settings.max_header_bytes:
-                self._reject(Failure.HEADERS_TOO_LARGE)
-                return
+        # httptools buffers a header until it ends; a chunk fed wholly inside one head counts
+        # against the limit, so a single endless header cannot grow without bound.
+        if in_head and parsing is ex and self.held.over(len(data), self.settings.max_header_bytes):
+            self._reject(Failure.HEADERS_TOO_LARGE)
+            return
         if self.timer_kind != HEAD_TIMER:
             # This read began a head without ending it: its clock started with this read.
             self._arm(HEAD_TIMER, self.settings.header_timeout)
@@ -147,10 +146,8 @@ class RequestParsing:
         and httptools holds a trailer field until it ends: such reads in a row count against
         the header limit, so an endless trailer cannot grow without bound either."""
         if ex.body_received != received:
-            self.head_fed = 0
-            return
-        self.head_fed += size
-        if self.head_fed > self.settings.max_header_bytes:
+            self.held.count = 0
+        elif self.held.over(size, self.settings.max_header_bytes):
             self._reject(Failure.HEADERS_TOO_LARGE)
 
     def on_message_begin(self: _Connection) -> None:
@@ -160,7 +157,7 @@ class RequestParsing:
             raise _StopParsing
         self.parsing = Exchange(self)
         self.head_bytes = 0
-        self.head_fed = 0
+        self.held.count = 0
 
     def on_url(self: _Connection, url: bytes) -> None:
         ex = self.parsing
@@ -205,7 +202,7 @@ class RequestParsing:
             # arrived whole: neither applies any more.
             self.deadline = NEVER
             self.timer_kind = 0
-        self.head_fed = 0  # from here on it counts a chunked body's framing
+        self.held.count = 0  # from here on it counts a chunked body's framing
         parser = self.parser
         ex.method = parser.get_method()
         keep_alive = ex.keep_alive = parser.should_keep_alive()

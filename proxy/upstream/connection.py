@@ -15,6 +15,7 @@ import httptools
 
 from proxy.codec import flow
 from proxy.codec.flow import ReadGate, set_write_limits
+from proxy.codec.held import HeldBytes
 from proxy.codec.wire import (
     CONNECTION,
     CONTENT_LENGTH,
@@ -91,8 +92,8 @@ class UpstreamConnection(asyncio.Protocol):
         "exchanges",
         "gate",
         "generation",
-        "head_fed",
         "head_only",
+        "held",
         "idle_since",
         "keep",
         "kinds",
@@ -130,7 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.body_seen = False  # a body byte arrived in the current read (chunked framing bound)
         self.head_only = False  # the request was HEAD: the response has no body, whatever it says
         self.response_started = False
-        self.head_fed = 0  # bytes of reads fed wholly inside this exchange's response head
+        self.held = HeldBytes()  # reads fed wholly inside this exchange's response head
         # The response ended inside the current read. Its exchange is told only once that read
         # has been parsed to its end, so that no byte of it can be parsed as the next exchange's
         # response; a byte after the end is an overrun and closes the connection.
@@ -199,8 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.sink is not None:
             if self.sink is sink and not started and not self.response_started:
-                self.head_fed += len(data)
-                if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
+                if self.held.over(len(data), MAX_RESPONSE_HEAD_BYTES):
                     self._fail(Failure.UPSTREAM_PROTOCOL)
                     return
             elif started and self.chunked and self.sink is sink:
@@ -208,12 +208,10 @@ class UpstreamConnection(asyncio.Protocol):
                 # fields, which httptools holds until they end: in a row they are bounded like
                 # a head, so an endless trailer cannot grow without bound.
                 if self.body_seen:
-                    self.head_fed = 0
-                else:
-                    self.head_fed += len(data)
-                    if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
-                        self._fail(Failure.UPSTREAM_PROTOCOL)
-                        return
+                    self.held.count = 0
+                elif self.held.over(len(data), MAX_RESPONSE_HEAD_BYTES):
+                    self._fail(Failure.UPSTREAM_PROTOCOL)
+                    return
                 self.body_seen = False
             elif self.chunked:
                 # The head ended in this read: the body's framing is counted from the next read
@@ -293,7 +291,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(Failure.UPSTREAM_PROTOCOL)
             return
         self.response_started = True
-        self.head_fed = 0  # from here on it counts a chunked body's framing (data_received)
+        self.held.count = 0  # from here on it counts a chunked body's framing (data_received)
         self.body_seen = False
         sink.upstream_head(self)
         if self.head_only:
@@ -338,7 +336,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         self.kinds = kinds
         self.head_only = head_only
-        self.head_fed = 0
+        self.held.count = 0
         self.ended = False
         self._reset_response()
 

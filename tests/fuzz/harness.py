@@ -424,13 +424,15 @@ class Harness:
             early = sum(len(d) for d in proto.early_bytes or ())
             if early > client_protocol.MAX_UPGRADE_EARLY_BYTES:
                 assert not reading, f"{where}: {early} early upgrade bytes held, still reading"
-            assert proto.head_fed <= settings.max_header_bytes, f"{where}: head_fed over the limit"
+            assert proto.held.count <= settings.max_header_bytes, (
+                f"{where}: head_fed over the limit"
+            )
             active = proto.active
             if active is not None:
                 assert not active.out, f"{where}: response bytes held after a read: {active.out}"
         for upstream in self.upstreams:
             if not upstream.transport.is_closing():
-                assert upstream.conn.head_fed <= upstream_connection.MAX_RESPONSE_HEAD_BYTES
+                assert upstream.conn.held.count <= upstream_connection.MAX_RESPONSE_HEAD_BYTES
 
     def check_delivery(self) -> None:
         for client in self.clients:

@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "proxy.errors": 0,
     "proxy.latency_buckets": 0,
     "proxy.codec.wire": 0,
+    "proxy.codec.held": 0,
     "proxy.config.loader": 1,
     "proxy.config": 1,  # the package re-exports the loader
     "proxy.metrics": 1,
