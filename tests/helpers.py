@@ -43,18 +43,24 @@ def laneswitch_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "proxy"]
 
 
+async def spawn_laneswitch(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdout: Any = None,
+    stderr: Any = asyncio.subprocess.PIPE,
+) -> asyncio.subprocess.Process:
+    """`laneswitch ARGS...` started in its own process from the repository root; its stderr is
+    a pipe unless told otherwise, its stdout this process's."""
+    return await asyncio.create_subprocess_exec(
+        *laneswitch_command(), *args, cwd=ROOT, env=env, stdout=stdout, stderr=stderr
+    )
+
+
 async def run_cli(
     *args: str, timeout: float = 30, env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:
     """`laneswitch ARGS...` to its end (bounded): (exit status, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        *laneswitch_command(),
-        *args,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await spawn_laneswitch(*args, env=env, stdout=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout)
     finally:
@@ -698,9 +704,7 @@ class Member:
         text = text.replace("ADMIN_PORT", str(self.admin_port))
         self.config.write_text(text)
         with self.log.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                *laneswitch_command(), "run", "-c", str(self.config), cwd=ROOT, stderr=log
-            )
+            self.process = await spawn_laneswitch("run", "-c", str(self.config), stderr=log)
         if ready:
             await self.wait_ready(timeout)
         return self
@@ -822,22 +826,27 @@ class Traffic:
 
     async def _run(self) -> None:
         client: Client | None = None
-        while True:
-            try:
-                if client is None:
-                    client = await Client.connect(self.port)
-                response = await client.request(get())
-                key = (response.status, response.body)
-                self.answers[key] = self.answers.get(key, 0) + 1
-                if response.header("Connection") == b"close":
-                    await client.close()
+        try:
+            while True:
+                try:
+                    if client is None:
+                        client = await Client.connect(self.port)
+                    response = await client.request(get())
+                    key = (response.status, response.body)
+                    self.answers[key] = self.answers.get(key, 0) + 1
+                    if response.header("Connection") == b"close":
+                        await client.close()
+                        client = None
+                except (OSError, ConnectionError, TimeoutError) as exc:
+                    self.errors.append(repr(exc))
+                    if client is not None:
+                        await client.close()
                     client = None
-            except (OSError, ConnectionError, TimeoutError) as exc:
-                self.errors.append(repr(exc))
-                if client is not None:
-                    await client.close()
-                client = None
-            await asyncio.sleep(self.pause)
+                await asyncio.sleep(self.pause)
+        finally:
+            # Stopped (cancelled) between or inside requests: the connection in use closes too.
+            if client is not None:
+                client.writer.close()
 
     def count(self, status: int | None = None, body: bytes | None = None) -> int:
         return sum(
@@ -943,9 +952,7 @@ async def wait_for_line(stream: asyncio.StreamReader, pattern: str, timeout: flo
 
 async def start_laneswitch(config: Path) -> LaneswitchProcess:
     """Run the proxy of `config` (listen and admin on 127.0.0.1 port 0) until it listens."""
-    process = await asyncio.create_subprocess_exec(
-        *laneswitch_command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
-    )
+    process = await spawn_laneswitch("run", "-c", str(config))
     assert process.stderr is not None
     try:
         line = await wait_for_line(process.stderr, r"admin API on 127\.0\.0\.1:(\d+)")

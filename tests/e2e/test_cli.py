@@ -16,9 +16,9 @@ from tests.helpers import (
     Client,
     RecordingUpstream,
     get,
-    laneswitch_command,
     raw_upstream,
     run_cli,
+    spawn_laneswitch,
     wait_for_line,
 )
 
@@ -103,16 +103,8 @@ async def test_python_dash_m_proxy_is_the_same_program() -> None:
 
 async def test_demo_rolls_green_out_and_back_as_the_readme_says_and_stops_on_ctrl_c() -> None:
     # Free ports (0): the printed ones are the ones that answer; the first line is the console.
-    process = await asyncio.create_subprocess_exec(
-        *laneswitch_command(),
-        "demo",
-        "--port",
-        "0",
-        "--admin-port",
-        "0",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    process = await spawn_laneswitch(
+        "demo", "--port", "0", "--admin-port", "0", stdout=asyncio.subprocess.PIPE
     )
     assert process.stderr is not None
     logs = asyncio.create_task(process.stderr.read())  # a full pipe would stall the demo
@@ -202,6 +194,7 @@ async def test_sigterm_under_load_answers_every_in_flight_request(tmp_path: Path
             assert all(r.header("Connection") == b"close" for r in responses)
             assert await asyncio.wait_for(process.wait(), 3 + 1) == 0
             assert time.monotonic() - stopped_at < 3 + 1
+            await asyncio.gather(*(client.close() for client in clients))
         finally:
             if process.returncode is None:
                 process.kill()
@@ -227,9 +220,7 @@ services:
 
 async def start_run(config: Path) -> tuple[asyncio.subprocess.Process, int]:
     """`laneswitch run -c config` and the data port it bound."""
-    process = await asyncio.create_subprocess_exec(
-        *laneswitch_command(), "run", "-c", str(config), cwd=ROOT, stderr=asyncio.subprocess.PIPE
-    )
+    process = await spawn_laneswitch("run", "-c", str(config))
     assert process.stderr is not None
     line = await wait_for_line(process.stderr, r"listening on 127\.0\.0\.1:(\d+)")
     match = re.search(r"127\.0\.0\.1:(\d+)", line)

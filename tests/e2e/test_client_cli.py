@@ -20,7 +20,7 @@ from tests.functional.test_admin import (
     free_port,
     send,
 )
-from tests.helpers import ROOT, RecordingUpstream, laneswitch_command
+from tests.helpers import ROOT, RecordingUpstream, laneswitch_command, spawn_laneswitch
 
 
 def client_env(**overrides: str) -> dict[str, str]:
@@ -33,13 +33,8 @@ def client_env(**overrides: str) -> dict[str, str]:
 async def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 30
 ) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        *laneswitch_command(),
-        *args,
-        cwd=ROOT,
-        env=env if env is not None else client_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    process = await spawn_laneswitch(
+        *args, env=env if env is not None else client_env(), stdout=asyncio.subprocess.PIPE
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None

@@ -14,11 +14,10 @@ import pytest
 
 from tests.e2e.test_start_failures import NOISE
 from tests.helpers import (
-    ROOT,
     admin_call,
-    laneswitch_command,
     run_cli,
     served_by,
+    spawn_laneswitch,
     wait_for_line,
 )
 
@@ -61,18 +60,15 @@ def demo_env(tmp_path: Path) -> dict[str, str]:
 async def test_fleet_demo_drives_one_rollout_across_three_replicas_and_cleans_up(
     tmp_path: Path,
 ) -> None:
-    process = await asyncio.create_subprocess_exec(
-        *laneswitch_command(),
+    process = await spawn_laneswitch(
         "demo",
         "--fleet",
         "--port",
         "0",
         "--admin-port",
         "0",
-        cwd=ROOT,
         env=demo_env(tmp_path),
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None and process.stderr is not None
     stderr = asyncio.ensure_future(process.stderr.read())

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from tests.e2e.test_deploy_grafana import METRIC_NAME, dashboard_queries
-from tests.helpers import ROOT, Client, RecordingUpstream, get, laneswitch_command
+from tests.helpers import ROOT, Client, RecordingUpstream, get, spawn_laneswitch
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 TOKEN = "prometheus-test-token"
@@ -192,14 +192,8 @@ class Laneswitch:
 
 @contextlib.asynccontextmanager
 async def laneswitch(config: Path) -> AsyncIterator[Laneswitch]:
-    process = await asyncio.create_subprocess_exec(
-        *laneswitch_command(),
-        "run",
-        "-c",
-        str(config),
-        cwd=ROOT,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LANESWITCH_ADMIN_TOKEN": TOKEN},
+    process = await spawn_laneswitch(
+        "run", "-c", str(config), env={**os.environ, "LANESWITCH_ADMIN_TOKEN": TOKEN}
     )
     proxy = Laneswitch(process)
     try:

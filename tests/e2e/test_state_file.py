@@ -14,7 +14,11 @@ import aiohttp
 import pytest
 
 from tests.functional.test_admin import admin_proxy, blue_green, config_text, parse_metrics, value
-from tests.helpers import ROOT, RecordingUpstream, laneswitch_command, wait_for_line
+from tests.helpers import (
+    RecordingUpstream,
+    spawn_laneswitch,
+    wait_for_line,
+)
 
 
 def state_from_another_version(damaged: bool) -> dict[str, object]:
@@ -72,14 +76,7 @@ async def test_a_state_file_of_another_version_never_stops_start_up(
                 top_extra=f"state_file: {state}",
             )
         )
-        process = await asyncio.create_subprocess_exec(
-            *laneswitch_command(),
-            "run",
-            "-c",
-            str(config),
-            cwd=ROOT,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        process = await spawn_laneswitch("run", "-c", str(config))
         assert process.stderr is not None
         try:
             line = await wait_for_line(process.stderr, r"admin API on 127\.0\.0\.1:(\d+)")

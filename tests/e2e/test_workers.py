@@ -31,13 +31,12 @@ from proxy.workers.channel import MAX_MESSAGE_BYTES, TABLE, Channel, encode
 from proxy.workers.counters import CounterTracker, fold
 from proxy.workers.supervisor import WorkerPool, resolve_workers, usable_cores
 from tests.helpers import (
-    ROOT,
     Client,
     RecordingUpstream,
     Response,
     get,
-    laneswitch_command,
     raw_upstream,
+    spawn_laneswitch,
 )
 
 # -- the pieces ------------------------------------------------------------------------------------
@@ -211,20 +210,14 @@ class Proxy:
         async with asyncio.timeout(5):
             while any(running(pid) for pid in pids):
                 await asyncio.sleep(0.02)
-        self.reader.cancel()
+        # With every holder of the stderr pipe gone, the reader ends at its EOF and the pipe is
+        # closed; cancelled instead, the pipe would be left open past the test's event loop.
+        await asyncio.wait_for(self.reader, 5)
 
 
 @contextlib.asynccontextmanager
 async def laneswitch(config: Path, *args: str) -> AsyncIterator[Proxy]:
-    process = await asyncio.create_subprocess_exec(
-        *laneswitch_command(),
-        "run",
-        "-c",
-        str(config),
-        *args,
-        cwd=ROOT,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await spawn_laneswitch("run", "-c", str(config), *args)
     proxy = Proxy(process)
     try:
         found = await proxy.line(r"admin API on 127\.0\.0\.1:(\d+)")
@@ -473,6 +466,7 @@ async def test_sigterm_with_two_workers_answers_every_in_flight_request(tmp_path
             assert time.monotonic() - stopped_at < 3 + 1
             assert not any(running(pid) for pid in pids.values())
             assert "stopped (0 request(s) cut" in proxy.log
+            await asyncio.gather(*(client.close() for client in connections))
 
 
 async def accepts(port: int) -> bool:
@@ -548,14 +542,7 @@ services:
       v1: {{endpoints: ["127.0.0.1:9"], weight: 100}}
 """
         )
-        process = await asyncio.create_subprocess_exec(
-            *laneswitch_command(),
-            "run",
-            "-c",
-            str(config),
-            cwd=ROOT,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        process = await spawn_laneswitch("run", "-c", str(config))
         try:
             _, err = await asyncio.wait_for(process.communicate(), 15)
         finally:
@@ -568,9 +555,7 @@ services:
 
 
 async def test_workers_flag_is_validated() -> None:
-    process = await asyncio.create_subprocess_exec(
-        *laneswitch_command(), "run", "--workers", "0", cwd=ROOT, stderr=asyncio.subprocess.PIPE
-    )
+    process = await spawn_laneswitch("run", "--workers", "0")
     _, err = await asyncio.wait_for(process.communicate(), 15)
     assert process.returncode == 2
     assert 'must be an integer >= 1 or "auto"' in err.decode()
