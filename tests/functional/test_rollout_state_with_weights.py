@@ -65,8 +65,9 @@ async def test_a_decision_waiting_for_the_lock_is_not_saved_before_its_weights(
                 shop = answer.body["services"]["shop"]
                 assert shop["rollout"]["step"] == 0
                 assert shop["versions"]["canary"]["weight"] == 0
+            # The file is written last, after the table is installed and acknowledged.
             async with asyncio.timeout(5):
-                while control.rollouts.state("shop").step < 1:
+                while saved(state_file)[0]["step"] < 1:
                     await asyncio.sleep(0.01)
             assert proxy.weights() == {"stable": 80, "canary": 20}
             rollout, weights = saved(state_file)
