@@ -38,15 +38,20 @@ def saved(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     return state["rollouts"]["shop"], state["weights"]["shop"]
 
 
+def one_step_config(stable: str, canary: str, state_file: Path) -> str:
+    """A canary with a state file and a long interval: after the immediate step 1, no other
+    tick comes during a test."""
+    return canary_config(stable, canary, top=f"state_file: {state_file}").replace(
+        "interval: 0.5s", "interval: 60s"
+    )
+
+
 async def test_a_decision_waiting_for_the_lock_is_not_saved_before_its_weights(
     tmp_path: Path,
 ) -> None:
     state_file = tmp_path / "state.json"
     async with two_upstreams() as (stable, canary):
-        # A long interval: after the immediate step 1, no other tick comes during the test.
-        text = canary_config(
-            stable.endpoint, canary.endpoint, top=f"state_file: {state_file}"
-        ).replace("interval: 0.5s", "interval: 60s")
+        text = one_step_config(stable.endpoint, canary.endpoint, state_file)
         async with admin_proxy(tmp_path, text) as proxy:
             control: ControlPlane = proxy.server.control
             lock = WatchedLock()
@@ -79,9 +84,7 @@ async def test_a_rollback_waiting_for_the_lock_is_not_saved_before_its_weights(
 ) -> None:
     state_file = tmp_path / "state.json"
     async with two_upstreams() as (stable, canary):
-        text = canary_config(
-            stable.endpoint, canary.endpoint, top=f"state_file: {state_file}"
-        ).replace("interval: 0.5s", "interval: 60s")
+        text = one_step_config(stable.endpoint, canary.endpoint, state_file)
         async with admin_proxy(tmp_path, text) as proxy:
             control: ControlPlane = proxy.server.control
             await control.rollouts.start("shop", actor="admin", reason="test")
