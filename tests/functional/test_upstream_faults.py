@@ -231,23 +231,29 @@ async def test_connect_timeout_is_retried_on_the_other_endpoint(
         await client.close()
 
 
+class SilentUpstream:
+    """Reads a request head and never answers; `released` once the proxy drops the connection."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.released = asyncio.Event()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await read_request_head(reader)
+            self.arrived.set()
+            await reader.read()  # returns when the proxy drops the connection
+        finally:
+            self.released.set()
+
+
 # -- response timeout ------------------------------------------------------------------------------
 
 
 async def test_silent_upstream_gets_504_and_the_client_connection_stays_usable(
     upstreams: Upstreams,
 ) -> None:
-    arrived = asyncio.Event()
-    released = asyncio.Event()
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await read_request_head(reader)
-            arrived.set()
-            await reader.read()  # never answers; returns when the proxy drops the connection
-        finally:
-            released.set()
-
+    silent = SilentUpstream()
     green = await upstreams.start("green")
     async with raw_upstream(silent) as endpoint:
         config = proxy_config([endpoint], [green.endpoint], "timeouts: {response: 300ms}")
@@ -256,13 +262,13 @@ async def test_silent_upstream_gets_504_and_the_client_connection_stays_usable(
             started = time.monotonic()
             response = await client.request(get())
             elapsed = time.monotonic() - started
-            assert arrived.is_set()
+            assert silent.arrived.is_set()
             assert response.status == 504
             assert response.complete
             assert 0.25 <= elapsed < 2.0
             # The abandoned exchange's connection is closed, not kept for reuse.
             async with asyncio.timeout(2):
-                await released.wait()
+                await silent.released.wait()
             assert pool_sizes(proxy, endpoint) == (0, 0)
             stats = proxy.stats("shop", "blue")
             assert stats.upstream_errors["timeout"] == 1
@@ -677,29 +683,19 @@ async def test_non_idempotent_request_is_not_replayed_after_a_reused_connection_
 
 @pytest.mark.parametrize("how", ["close", "reset"])
 async def test_client_disconnect_cancels_the_upstream_exchange(how: str) -> None:
-    arrived = asyncio.Event()
-    upstream_released = asyncio.Event()
-
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await read_request_head(reader)
-            arrived.set()
-            await reader.read()  # never answers; returns when the proxy drops the connection
-        finally:
-            upstream_released.set()
-
-    async with raw_upstream(slow) as endpoint:
+    silent = SilentUpstream()
+    async with raw_upstream(silent) as endpoint:
         config = proxy_config([endpoint], [endpoint], "timeouts: {response: 20s}")
         async with running_proxy(config) as proxy:
             client = await proxy.client()
             await client.send(get())
             async with asyncio.timeout(2):
-                await arrived.wait()
+                await silent.arrived.wait()
             if how == "reset":
                 reset_on_close(client.writer)
             await client.close()
             async with asyncio.timeout(2):
-                await upstream_released.wait()
+                await silent.released.wait()
             stats = proxy.stats("shop", "blue")
             await until(lambda: stats.in_flight == 0)
             assert stats.client_aborts == 1
